@@ -1,0 +1,75 @@
+"""The `ferpipe` command. User mistakes end in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ferpipe.errors import UserError
+
+
+def _preprocess(args) -> None:
+    from ferpipe.detection import DetectionSettings
+    from ferpipe.imaging import ClaheSettings
+    from ferpipe.landmarks import LandmarkSettings
+    from ferpipe.preprocess import DatasetOptions, preprocess, summary, timed
+    from ferpipe.preview import write_landmark_sheet
+    from ferpipe.stages import PreprocessSettings
+    from ferpipe.storage import open_store
+
+    settings = PreprocessSettings(
+        clahe=ClaheSettings(args.clahe_clip, args.clahe_tiles),
+        detection=DetectionSettings(confidence=args.confidence, on_no_face=args.on_no_face),
+        landmarks=LandmarkSettings(source=args.landmarks),
+    )
+    options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds)
+    manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers)
+    print(summary(manifest, seconds))
+    if (manifest["status"] == "ok").any():
+        sheet = write_landmark_sheet(manifest, open_store(args.out))
+        print(f"landmarks on faces: {args.out.rstrip('/')}/{sheet}")
+    print(f"manifest: {args.out.rstrip('/')}/manifest.parquet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ferpipe.preprocess import DATASETS
+
+    parser = argparse.ArgumentParser(prog="ferpipe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pre = commands.add_parser("preprocess", help="stages 1-4: input, CLAHE, face detection, landmarks; plus folds")
+    pre.add_argument("--dataset", required=True, choices=DATASETS)
+    pre.add_argument("--data", required=True, help="dataset root: a folder or s3://bucket/prefix")
+    pre.add_argument("--out", required=True, help="output dataset directory: a folder or s3://bucket/prefix")
+    pre.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    pre.add_argument("--folds", type=int, default=10, help="k for k-fold datasets (CK+, folder)")
+    pre.add_argument("--subject-pattern", default=r"^([^_]+)_",
+                     help="folder layout: regex whose first group is the subject id in the file name")
+    pre.add_argument("--subjects-csv", default=None, help="folder layout: CSV with columns path,subject")
+    pre.add_argument("--confidence", type=float, default=0.5, help="SSD confidence threshold")
+    pre.add_argument("--on-no-face", default="skip", choices=("skip", "dlib_hog"),
+                     help="skip: record no_face; dlib_hog: try dlib's HOG detector")
+    pre.add_argument("--landmarks", default="dlib", choices=("dlib", "dataset"),
+                     help="dataset: use CK+'s own landmark files")
+    pre.add_argument("--clahe-clip", type=float, default=2.0)
+    pre.add_argument("--clahe-tiles", type=int, default=8)
+    pre.set_defaults(handler=_preprocess)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as err:
+        print(f"ferpipe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ferpipe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

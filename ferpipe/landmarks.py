@@ -1,0 +1,66 @@
+"""Stage 4: 68 facial landmarks per face crop, normalised to [0,1] in the crop.
+
+dlib's ERT predictor runs on the crop with the whole crop as the face box, which
+is the SSD box the crop was cut from. For CK+, the dataset's own AAM points can
+be used instead (`source='dataset'`): they are moved into the crop by the same
+map that made the crop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ferpipe.models_on_disk import dlib_68_model
+from ferpipe.parts import N_POINTS
+
+LANDMARK_SOURCES = ("dlib", "dataset")
+
+
+@dataclass(frozen=True)
+class LandmarkSettings:
+    source: str = "dlib"
+    # More than this share of points outside the crop (with a 10% margin) means
+    # the predictor did not find a face shape: recorded as no_landmarks.
+    max_outside: float = 0.1
+
+    def __post_init__(self):
+        if self.source not in LANDMARK_SOURCES:
+            raise ValueError(f"landmark source must be one of {LANDMARK_SOURCES}, not {self.source!r}")
+
+
+class LandmarkPredictor:
+    def __init__(self):
+        import dlib
+
+        self._dlib = dlib
+        self.predictor = dlib.shape_predictor(str(dlib_68_model()))
+
+    def predict(self, crop: np.ndarray) -> np.ndarray:
+        """(68, 2) float32 points in [0,1] crop coordinates."""
+        height, width = crop.shape[:2]
+        gray = np.ascontiguousarray(crop[..., 0] if crop.ndim == 3 else crop)
+        shape = self.predictor(gray, self._dlib.rectangle(0, 0, width - 1, height - 1))
+        points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        return points / np.array([width, height], dtype=np.float32)
+
+
+def frame_to_crop(points: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """Frame-pixel points -> [0,1] crop coordinates, the map `detection.crop_face` used."""
+    x0, y0, x1, y1 = box
+    return ((points - [x0, y0]) / [x1 - x0, y1 - y0]).astype(np.float32)
+
+
+def plausible(points: np.ndarray, max_outside: float) -> bool:
+    outside = np.any((points < -0.1) | (points > 1.1), axis=1)
+    return points.shape == (N_POINTS, 2) and np.isfinite(points).all() and outside.mean() <= max_outside
+
+
+def flatten(points: np.ndarray) -> list[float]:
+    """(68, 2) -> the manifest's 136 floats x0 y0 x1 y1 ..."""
+    return points.astype(np.float32).reshape(-1).tolist()
+
+
+def unflatten(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).reshape(-1, 2)

@@ -1,0 +1,129 @@
+"""Real servers for service tests, started on loopback: SeaweedFS's S3 gateway and MLflow.
+
+Credentials are made up per test session (never literals in the code), and every
+port is pinned to a free one, so two runs never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_for(check, what: str, timeout: float = 60.0, process: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}: {log.read_text()[-2000:] if log else ''}")
+        try:
+            if check():
+                return
+        except Exception:  # the server is not up yet
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} did not come up in {timeout:.0f} s: {log.read_text()[-2000:] if log else ''}")
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is not installed (it comes with the test extras)")
+    return found
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "FERPIPE_S3_ENDPOINT": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@contextmanager
+def seaweedfs(workdir: Path, buckets: tuple[str, ...] = ("ferpipe",)):
+    """SeaweedFS `weed mini` with its S3 gateway checking signatures against made-up keys."""
+    access, secret = "ferpipe-" + secrets.token_hex(4), secrets.token_hex(20)
+    config = workdir / "identities.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "ferpipe", "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (workdir / "data").mkdir(exist_ok=True)
+    ports = free_ports(12)
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port", "debug.port"]
+    args = [_bin("weed"), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            f"-bucket={','.join(buckets)}"]
+    args += [f"-{name}={port}" for name, port in zip(names, ports)]
+    log = workdir / "weed.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{ports[6]}", access, secret)
+    try:
+        from minio import Minio
+
+        client = Minio(server.endpoint.split("//")[1], access, secret, secure=False, region="us-east-1")
+        wait_for(lambda: all(client.bucket_exists(b) for b in buckets), "SeaweedFS S3", 90, process, log)
+        yield server
+    finally:
+        stop(process)
+
+
+@contextmanager
+def mlflow_server(workdir: Path, artifacts: str, env: dict[str, str] | None = None):
+    """A real MLflow tracking server on SQLite, its artifacts at `artifacts` (e.g. s3://mlflow)."""
+    port = free_ports(1)[0]
+    log = workdir / "mlflow.log"
+    server_env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    args = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", artifacts]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=server_env,
+                                   start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "MLflow", 120, process, log)
+        yield uri
+    finally:
+        stop(process)
