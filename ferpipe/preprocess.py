@@ -99,9 +99,19 @@ _worker: dict = {}
 def _init_worker(settings: PreprocessSettings, source_uri: str | None, input_uri: str | None, out_uri: str) -> None:
     # Parallelism is across processes; a multi-threaded OpenCV per process would fight over the cores.
     cv2.setNumThreads(1)
-    _worker["tools"] = StageTools(settings, open_store(source_uri) if source_uri else None)
-    _worker["input"] = open_store(input_uri) if input_uri else None
-    _worker["out"] = open_store(out_uri)
+    tools = _worker.get("tools")
+    if tools is None or tools.settings != settings:  # a forked worker inherits the parent's loaded models
+        tools = StageTools(settings)
+    tools.source = open_store(source_uri) if source_uri else None
+    _worker.update(tools=tools, input=open_store(input_uri) if input_uri else None, out=open_store(out_uri))
+
+
+def _pool_context():
+    """fork where it is safe (no TensorFlow threads in this process): workers start at once, sharing
+    the loaded models copy-on-write; spawn otherwise, since a fork would copy half-held locks."""
+    if sys.platform == "linux" and "tensorflow" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _process(job: tuple[dict, tuple[str, ...]]) -> dict:
@@ -124,12 +134,14 @@ def run_records(records: list[dict], names: tuple[str, ...], settings: Preproces
     init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri)
     jobs = [(r, names) for r in records]
     bar = dict(total=len(jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None)
+    _init_worker(*init)
     if workers == 1:
-        _init_worker(*init)
         return [_process(j) for j in tqdm(jobs, **bar)]
-    # spawn, not fork: the parent may hold TensorFlow or OpenCV threads that a fork would copy half-locked.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        return list(tqdm(pool.imap(_process, jobs, chunksize=4), **bar))
+    context = _pool_context()
+    if context.get_start_method() == "fork":
+        _worker["tools"].load()  # once here, not once per worker
+    with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        return list(tqdm(pool.imap(_process, jobs, chunksize=2), **bar))
 
 
 def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = PreprocessSettings(),

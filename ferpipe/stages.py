@@ -51,6 +51,10 @@ class StageTools:
         self._detector: FaceDetector | None = None
         self._predictor: LandmarkPredictor | None = None
 
+    def load(self) -> None:
+        """Build the models now (before forking workers that will share them)."""
+        _ = self.detector, self.predictor
+
     @property
     def detector(self) -> FaceDetector:
         if self._detector is None:
