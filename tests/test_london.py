@@ -44,3 +44,25 @@ def test_ten_folds_and_no_subject_on_two_sides(london_manifest):
         split = split_fold(m, fold, 0.15, seed=0)
         sides = [set(split.train["subject"]), set(split.val["subject"]), set(split.test["subject"])]
         assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+
+
+def test_points_agree_with_dlib_on_its_own_detector_boxes(london_manifest, london):
+    """dlib's predictor knows HOG boxes; on the SSD crop it must land near where it lands from HOG."""
+    import dlib
+
+    from ferpipe import imaging
+    from ferpipe.models_on_disk import dlib_68_model
+
+    predictor, hog = dlib.shape_predictor(str(dlib_68_model())), dlib.get_frontal_face_detector()
+    errors = []
+    for row in london_manifest[london_manifest["status"] == "ok"].head(40).itertuples():
+        frame = imaging.equalize_contrast(imaging.to_frame(imaging.decode_gray(open(row.source, "rb").read())))
+        boxes = hog(np.ascontiguousarray(frame[..., 0]), 1)
+        if len(boxes) != 1:
+            continue
+        reference = np.array([(p.x, p.y) for p in predictor(np.ascontiguousarray(frame[..., 0]), boxes[0]).parts()])
+        x0, y0, x1, y1 = row.face_box
+        ours = np.asarray(row.landmarks).reshape(68, 2) * [x1 - x0, y1 - y0] + [x0, y0]
+        errors.append(np.linalg.norm(ours - reference, axis=1).mean() / (x1 - x0))
+    assert len(errors) >= 30
+    assert np.mean(errors) < 0.01, np.mean(errors)
