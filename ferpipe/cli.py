@@ -23,12 +23,38 @@ def _preprocess(args) -> None:
         landmarks=LandmarkSettings(source=args.landmarks),
     )
     options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds)
-    manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers)
+    manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers,
+                              args.cache)
     print(summary(manifest, seconds))
     if (manifest["status"] == "ok").any():
         sheet = write_landmark_sheet(manifest, open_store(args.out))
         print(f"landmarks on faces: {args.out.rstrip('/')}/{sheet}")
     print(f"manifest: {args.out.rstrip('/')}/manifest.parquet")
+
+
+def _train_eval(args) -> None:
+    from ferpipe.train_eval import train_eval
+
+    try:
+        results = train_eval(args.manifest, args.network, args.profile, args.out, seed=args.seed,
+                             folds=args.folds, dataset=args.dataset)
+    except FileNotFoundError as err:
+        raise UserError(f"no manifest at {args.manifest}: {err.filename or err}") from None
+    print(f"results: {args.out.rstrip('/')}/results.json (ensemble accuracy "
+          f"{100 * results['overall']['accuracy']['ensemble']:.2f}%)")
+
+
+def _complexity(args) -> None:
+    from ferpipe.complexity import complexity_report
+
+    print(complexity_report(args.classes))
+
+
+def _demo_data(args) -> None:
+    from ferpipe.demo_data import make_demo_dataset
+
+    out = make_demo_dataset(args.out, subjects=args.subjects, per_expression=args.per_expression, seed=args.seed)
+    print(f"synthetic demo data (JAFFE layout): {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip: record no_face; dlib_hog: try dlib's HOG detector")
     pre.add_argument("--landmarks", default="dlib", choices=("dlib", "dataset"),
                      help="dataset: use CK+'s own landmark files")
+    pre.add_argument("--cache", default=None,
+                     help="folder or s3:// URI of per-image results: a rerun redoes only new or changed images")
     pre.add_argument("--clahe-clip", type=float, default=2.0)
     pre.add_argument("--clahe-tiles", type=int, default=8)
     pre.set_defaults(handler=_preprocess)
+
+    train = commands.add_parser("train-eval", help="train and evaluate every fold outside Kubeflow")
+    train.add_argument("--manifest", required=True, help="a preprocessed dataset directory (or its manifest.parquet)")
+    train.add_argument("--network", default="el", choices=("baseline", "ftl", "el"))
+    train.add_argument("--profile", default="demo", choices=("smoke", "demo", "paper"))
+    train.add_argument("--dataset", default=None, help="ckplus, jaffe or sfew: picks the paper profile's epochs")
+    train.add_argument("--folds", type=int, nargs="*", default=None, help="only these folds (default: all)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", required=True, help="run directory: results.json, tables, confusion matrices")
+    train.set_defaults(handler=_train_eval)
+
+    complexity = commands.add_parser("complexity", help="parameters, FLOPs and storage, beside the paper's")
+    complexity.add_argument("--classes", type=int, default=7, choices=(7, 8))
+    complexity.set_defaults(handler=_complexity)
+
+    demo = commands.add_parser("demo-data", help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
+    demo.add_argument("--out", default="data/demo-synthetic")
+    demo.add_argument("--subjects", type=int, default=10)
+    demo.add_argument("--per-expression", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_demo_data)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         args.handler(args)

@@ -59,8 +59,10 @@ def decode_gray(data: bytes) -> np.ndarray:
             return _to_gray(image)
     except Reject:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise Reject(UNREADABLE, _short(err)) from None
+    except UnidentifiedImageError:
+        raise Reject(UNREADABLE, "not an image format ferpipe can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise Reject(TOO_LARGE, _short(err)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise Reject(UNREADABLE, _short(err)) from None
 

@@ -8,6 +8,7 @@ written last, once, so an interrupted run leaves no half manifest.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import sys
@@ -25,6 +26,7 @@ from ferpipe.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, read_s
 from ferpipe.adapters.jaffe import list_jaffe
 from ferpipe.adapters.sfew import list_sfew
 from ferpipe.errors import UserError
+from ferpipe.image_cache import ImageCache
 from ferpipe.manifest import OK, empty_row, read_manifest, status_counts, write_manifest
 from ferpipe.stages import STAGE_ORDER, PreprocessSettings, StageTools, run_stages
 from ferpipe.storage import LocalStore, Store, open_store
@@ -96,14 +98,17 @@ def offer_record(offer: Offer, source: Store) -> dict:
 _worker: dict = {}
 
 
-def _init_worker(settings: PreprocessSettings, source_uri: str | None, input_uri: str | None, out_uri: str) -> None:
+def _init_worker(settings: PreprocessSettings, source_uri: str | None, input_uri: str | None, out_uri: str,
+                 cache_uri: str | None = None, names: tuple[str, ...] = ()) -> None:
     # Parallelism is across processes; a multi-threaded OpenCV per process would fight over the cores.
     cv2.setNumThreads(1)
     tools = _worker.get("tools")
     if tools is None or tools.settings != settings:  # a forked worker inherits the parent's loaded models
         tools = StageTools(settings)
     tools.source = open_store(source_uri) if source_uri else None
-    _worker.update(tools=tools, input=open_store(input_uri) if input_uri else None, out=open_store(out_uri))
+    cache = ImageCache(open_store(cache_uri), names, settings.as_dict()) if cache_uri else None
+    _worker.update(tools=tools, input=open_store(input_uri) if input_uri else None, out=open_store(out_uri),
+                   cache=cache)
 
 
 def _pool_context():
@@ -114,39 +119,76 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-def _process(job: tuple[dict, tuple[str, ...]]) -> dict:
+def _input_bytes(record: dict, names: tuple[str, ...]) -> bytes | None:
+    """The bytes the record enters these stages with: the original file, or the last stage's PNG."""
+    try:
+        if names[0] == "input":
+            return _worker["tools"].source.read_bytes(record["_key"])
+        if record["status"] == OK and record.get("image_path") and _worker["input"] is not None:
+            return _worker["input"].read_bytes(record["image_path"])
+    except OSError:
+        return None  # the stage itself records why
+    return None
+
+
+def _process(job: tuple[dict, tuple[str, ...]]) -> tuple[dict, bool]:
+    """One record through the stages; (row, whether the cache answered)."""
     record, names = job
-    if record["status"] == OK and record.get("image_path") and _worker["input"] is not None:
-        record["pixels"] = imaging.decode_png(_worker["input"].read_bytes(record["image_path"]))
+    data = _input_bytes(record, names)
+    cache, key = _worker["cache"], None
+    if cache is not None and data is not None:
+        key = cache.key(hashlib.sha256(data).hexdigest(), record)
+        hit = cache.get(key)
+        if hit is not None:
+            fields, png = hit
+            record.update(fields)
+            return _finish(record, png), True
+    if data is not None:
+        if names[0] == "input":
+            record["_data"] = data
+        else:
+            record["pixels"] = imaging.decode_png(data)
     record = run_stages(record, names, _worker["tools"])
     pixels = record.pop("pixels", None)
-    if record["status"] == OK and pixels is not None:
+    png = imaging.encode_png(pixels) if record["status"] == OK and pixels is not None else None
+    if key is not None:
+        cache.put(key, record, png)
+    return _finish(record, png), False
+
+
+def _finish(record: dict, png: bytes | None) -> dict:
+    if record["status"] == OK and png is not None:
         record["image_path"] = f"{IMAGES_DIR}/{record['image_id']}.png"
-        _worker["out"].write_bytes(record["image_path"], imaging.encode_png(pixels))
+        _worker["out"].write_bytes(record["image_path"], png)
+    elif record["status"] != OK:
+        record["image_path"] = None
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
 def run_records(records: list[dict], names: tuple[str, ...], settings: PreprocessSettings, out: Store,
                 source: Store | None = None, input_store: Store | None = None, workers: int | None = None,
-                desc: str = "preprocess") -> list[dict]:
-    """Apply stages `names` to every record on `workers` processes; rows come back in input order."""
+                desc: str = "preprocess", cache: Store | None = None) -> tuple[list[dict], int]:
+    """Apply stages `names` to every record on `workers` processes; (rows in input order, cache hits)."""
     workers = max(1, workers or default_workers())
-    init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri)
+    init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri,
+            cache.uri if cache else None, names)
     jobs = [(r, names) for r in records]
     bar = dict(total=len(jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None)
     _init_worker(*init)
     if workers == 1:
-        return [_process(j) for j in tqdm(jobs, **bar)]
-    context = _pool_context()
-    if context.get_start_method() == "fork":
-        _worker["tools"].load()  # once here, not once per worker
-    with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        return list(tqdm(pool.imap(_process, jobs, chunksize=2), **bar))
+        results = [_process(j) for j in tqdm(jobs, **bar)]
+    else:
+        context = _pool_context()
+        if context.get_start_method() == "fork":
+            _worker["tools"].load()  # once here, not once per worker
+        with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+            results = list(tqdm(pool.imap(_process, jobs, chunksize=2), **bar))
+    return [row for row, _ in results], sum(hit for _, hit in results)
 
 
 def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = PreprocessSettings(),
            options: DatasetOptions = DatasetOptions(), names: tuple[str, ...] = ("input",),
-           workers: int | None = None) -> pd.DataFrame:
+           workers: int | None = None, cache: str | None = None) -> pd.DataFrame:
     """From a raw dataset through `names` (stage 1 first) to a dataset directory with folds."""
     if names[0] != "input":
         raise ValueError("ingest starts at the input stage")
@@ -154,8 +196,10 @@ def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = Pre
     found = inventory(dataset, source, options)
     out_store = open_store(out)
     records = [offer_record(o, source) for o in found.offers]
-    rows = run_records(records, names, settings, out_store, source=source, workers=workers, desc="+".join(names))
+    rows, hits = run_records(records, names, settings, out_store, source=source, workers=workers,
+                             desc="+".join(names), cache=open_store(cache) if cache else None)
     manifest = pd.DataFrame(rows)
+    manifest.attrs["cache_hits"] = hits
     manifest["fold"] = folds.assign_folds(manifest, found.protocol, options.n_folds)
     manifest.attrs["notes"] = found.notes
     write_manifest(manifest, out_store)
@@ -163,24 +207,26 @@ def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = Pre
 
 
 def apply_stages(src: str, out: str, names: tuple[str, ...], settings: PreprocessSettings = PreprocessSettings(),
-                 workers: int | None = None) -> pd.DataFrame:
+                 workers: int | None = None, cache: str | None = None) -> pd.DataFrame:
     """One or more later stages from one dataset directory to another (a KFP component's work)."""
     if "input" in names:
         raise ValueError("the input stage reads raw data: use ingest")
     input_store, out_store = open_store(src), open_store(out)
     manifest = read_manifest(input_store)
     records = manifest.to_dict("records")
-    rows = run_records(records, names, settings, out_store, input_store=input_store, workers=workers,
-                       desc="+".join(names))
+    rows, hits = run_records(records, names, settings, out_store, input_store=input_store, workers=workers,
+                             desc="+".join(names), cache=open_store(cache) if cache else None)
     result = pd.DataFrame(rows, columns=manifest.columns)
     write_manifest(result, out_store)
+    result.attrs["cache_hits"] = hits
     return result
 
 
 def preprocess(dataset: str, data: str, out: str, settings: PreprocessSettings = PreprocessSettings(),
-               options: DatasetOptions = DatasetOptions(), workers: int | None = None) -> pd.DataFrame:
+               options: DatasetOptions = DatasetOptions(), workers: int | None = None,
+               cache: str | None = None) -> pd.DataFrame:
     """Stages 1-4 fused per image, folds assigned: the `ferpipe preprocess` command."""
-    return ingest(dataset, data, out, settings, options, names=STAGE_ORDER, workers=workers)
+    return ingest(dataset, data, out, settings, options, names=STAGE_ORDER, workers=workers, cache=cache)
 
 
 def summary(manifest: pd.DataFrame, seconds: float | None = None) -> str:
@@ -192,6 +238,8 @@ def summary(manifest: pd.DataFrame, seconds: float | None = None) -> str:
             lines.append(f"{note}: {n}")
     folds_with_tests = folds.fold_ids(manifest)
     lines.append(f"folds: {len(folds_with_tests)} (subjects: {manifest['subject'].nunique()})")
+    if manifest.attrs.get("cache_hits"):
+        lines.append(f"from the cache: {manifest.attrs['cache_hits']}")
     if seconds is not None:
         lines.append(f"time: {seconds:.1f} s ({len(manifest) / max(seconds, 1e-9):.1f} images/s)")
     return "\n".join(lines)

@@ -77,7 +77,7 @@ def reject(record: dict, status: str, detail: str = "") -> dict:
 def read_input(record: dict, tools: StageTools) -> dict:
     """Stage 1: the offered file -> 300x300 gray repeated to 3 channels; sha256 of the original bytes."""
     try:
-        data = tools.source.read_bytes(record["_key"])
+        data = record.pop("_data", None) or tools.source.read_bytes(record["_key"])
     except OSError as err:
         return reject(record, imaging.UNREADABLE, f"cannot read: {type(err).__name__}")
     record["sha256"] = hashlib.sha256(data).hexdigest()

@@ -172,3 +172,38 @@ def test_cli_prints_a_summary(messy_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "images offered: 13" in out and "ok: 8" in out and "unreadable: 3" in out and "no_face: 1" in out
     assert (tmp_path / "landmarks.png").is_file()
+
+
+def test_rerun_with_a_cache_redoes_only_new_images(messy_folder, messy_manifest, tmp_path):
+    fused, _ = messy_manifest
+    cache = str(tmp_path / "cache")
+    first = pp.preprocess("folder", str(messy_folder), str(tmp_path / "a"), workers=1, cache=cache)
+    assert first.attrs["cache_hits"] == 0
+    second = pp.preprocess("folder", str(messy_folder), str(tmp_path / "b"), workers=2, cache=cache)
+    assert second.attrs["cache_hits"] == len(fused)
+    cols = ["image_id", "status", "detail", "sha256", "fold"]
+    pd.testing.assert_frame_equal(second[cols], fused[cols])
+    assert np.allclose(np.stack(second["landmarks"].dropna()), np.stack(fused["landmarks"].dropna()))
+    ok = second[second["status"] == "ok"]
+    assert all((tmp_path / "b" / p).is_file() for p in ok["image_path"])
+
+    grown = tmp_path / "grown"
+    import shutil
+
+    shutil.copytree(messy_folder, grown)
+    shutil.copy(grown / "happy" / "p0_1.jpg", grown / "happy" / "p9_new.jpg")
+    third = pp.preprocess("folder", str(grown), str(tmp_path / "c"), workers=1, cache=cache)
+    # The copy has the same bytes as p0_1.jpg, but it is a new row: only the content decides, so it hits too.
+    assert third.attrs["cache_hits"] == len(fused) + 1
+    changed = PreprocessSettings.from_dict({"clahe": {"clip_limit": 3.0}})
+    fourth = pp.preprocess("folder", str(messy_folder), str(tmp_path / "d"), changed, workers=1, cache=cache)
+    assert fourth.attrs["cache_hits"] == 0
+
+
+def test_split_stages_use_the_cache_too(messy_folder, tmp_path):
+    cache = str(tmp_path / "cache")
+    for run in ("one", "two"):
+        pp.ingest("folder", str(messy_folder), str(tmp_path / run / "s1"), workers=1, cache=cache)
+        result = pp.apply_stages(str(tmp_path / run / "s1"), str(tmp_path / run / "s2"), ("clahe",), workers=1,
+                                 cache=cache)
+    assert result.attrs["cache_hits"] == (result["status"] == "ok").sum()
