@@ -1,0 +1,137 @@
+"""Stage 6: members learn, checkpoints resume where a killed task stopped, train-eval writes its reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from science_fixtures import write_dataset
+
+from ferpipe.ensemble import predict_members
+from ferpipe.profiles import SMOKE, get_profile, on_materialised_copies
+from ferpipe.train_eval import cross_dataset_eval, load_fold, train_eval
+from ferpipe.training import ensemble_members, member_by_slot, train_member
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), subjects=10, per_class=2, folds=5)
+
+
+@pytest.fixture(scope="module")
+def fold(dataset):
+    return load_fold(dataset, 0, SMOKE)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_members_of_each_network_type():
+    baseline, ftl, el = (ensemble_members(n, seed=1) for n in ("baseline", "ftl", "el"))
+    assert [m.part for m in baseline] == [None] * 5 and baseline[0].stages == ("direct",)
+    assert [m.part for m in ftl] == ["full"] * 5 and len({m.seed for m in ftl}) == 5
+    assert [m.part for m in el] == ["eyebrows", "eyes", "nose", "mouth", "jaw"]
+    assert el[0].stages == ("landmarks", "head", "finetune")
+    assert member_by_slot("el", "mouth", seed=1) == el[3]
+    with pytest.raises(ValueError):
+        ensemble_members("resnet")
+
+
+def test_fold_data_is_ok_rows_at_the_profiles_size(fold):
+    assert fold.train.images.shape[1:] == (SMOKE.input_size, SMOKE.input_size, 3)
+    assert len(fold.train) + len(fold.val) == 32 and len(fold.test) == 8  # the reject is left out
+    assert not set(fold.train.subjects) & set(fold.test.subjects)
+    assert not set(fold.val.subjects) & (set(fold.train.subjects) | set(fold.test.subjects))
+    assert fold.train.classes == ("happy", "neutral")
+
+
+def test_a_baseline_member_learns_a_separable_task(fold):
+    profile = replace(SMOKE, baseline_epochs=4, patience=4)
+    trained = train_member(ensemble_members("baseline")[0], fold.train, fold.val, profile, progress=lambda line: None)
+    assert [row["epoch"] for row in trained.history] == [1, 2, 3, 4]
+    probabilities = predict_members([trained.model], fold.test.images)[0]
+    assert np.mean(probabilities.argmax(-1) == fold.test.labels) >= 0.875  # chance is 0.5
+
+
+def test_a_run_repeats_for_a_seed(fold):
+    member = ensemble_members("baseline", seed=3)[0]
+    runs = [train_member(member, fold.train, fold.val, SMOKE, progress=lambda line: None) for _ in range(2)]
+    losses = [[row["loss"] for row in run.history] for run in runs]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, SMOKE.input_size, SMOKE.input_size, 3)).astype(np.float32)
+    np.testing.assert_allclose(runs[0].model(x, training=False), runs[1].model(x, training=False), rtol=1e-4, atol=1e-6)
+
+
+def test_a_killed_member_resumes_at_the_stage_it_reached(fold, tmp_path):
+    member = member_by_slot("el", "mouth")
+    profile = replace(SMOKE, landmark_epochs=3, patience=10)
+    lines: list[str] = []
+
+    def kill_in_stage_two(line):
+        lines.append(line)
+        if " head epoch 1/" in line:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_member(member, fold.train, fold.val, profile, tmp_path, kill_in_stage_two)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["done"] == ["landmarks"] and state["stage"] == "head" and state["epoch"] == 1
+    landmark_losses = [r["loss"] for r in state["history"] if r["stage"] == "landmarks"]
+    assert landmark_losses[-1] < landmark_losses[0]  # the landmark stage learned
+
+    resumed_lines: list[str] = []
+    trained = train_member(member, fold.train, fold.val, profile, tmp_path, resumed_lines.append)
+    assert not any(" landmarks epoch" in line for line in resumed_lines)  # stage 1 is not redone
+    assert "resuming after epoch 1" in resumed_lines[0]
+    assert [(r["stage"], r["epoch"]) for r in trained.history] == [
+        ("landmarks", 1), ("landmarks", 2), ("landmarks", 3), ("head", 1), ("head", 2), ("finetune", 1), ("finetune", 2),
+    ]
+    assert trained.model.output_shape == (None, 2)
+
+    # A finished member loads instead of training again.
+    again: list[str] = []
+    loaded = train_member(member, fold.train, fold.val, profile, tmp_path, again.append)
+    assert again == []
+    x = np.random.default_rng(0).uniform(-1, 1, (2, SMOKE.input_size, SMOKE.input_size, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.model(x, training=False), trained.model(x, training=False), rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="other settings"):
+        train_member(member, fold.train, fold.val, replace(profile, head_epochs=5), tmp_path, again.append)
+
+
+def test_train_eval_writes_results_tables_and_confusion_matrices(dataset, tmp_path):
+    results = train_eval(dataset, "baseline", "smoke", tmp_path, folds=[1], progress=lambda line: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["folds"]) == {"1"} and saved["classes"] == ["happy", "neutral"]
+    assert set(saved["overall"]["accuracy"]) == {"eyebrows", "eyes", "nose", "mouth", "jaw", "ensemble"}
+    assert saved["overall"]["images"] == 8
+    assert saved["overall"]["accuracy"]["ensemble"] >= 0.75
+    assert saved["folds"]["1"]["train_seconds"].keys() == {"eyebrows", "eyes", "nose", "mouth", "jaw"}
+    assert results["wall_seconds"] > 0
+    for name in ("ensemble", "mouth"):
+        assert (tmp_path / "confusion" / f"{name}.png").exists() and (tmp_path / "confusion" / f"{name}.csv").exists()
+    assert (tmp_path / "table.md").read_text().startswith("| network | eyebrows")
+    predictions = (tmp_path / "predictions" / "fold1.csv").read_text().splitlines()
+    assert predictions[0].startswith("image_id,subject,label,eyebrows") and len(predictions) == 9
+
+
+def test_cross_dataset_eval_drops_classes_the_training_set_lacks(dataset, tmp_path):
+    other = write_dataset(tmp_path / "other", subjects=2, per_class=1, classes=("happy", "neutral", "surprise"), seed=5)
+    result = cross_dataset_eval(dataset, other, "baseline", "smoke", tmp_path / "run", progress=lambda line: None)
+    assert result["dropped"] == {"surprise": 2} and result["images"] == 4
+    assert result["classes"] == ["happy", "neutral"] and 0.0 <= result["accuracy"]["ensemble"] <= 1.0
+    assert (tmp_path / "run" / "results.json").exists() and (tmp_path / "run" / "table.md").exists()
+
+
+def test_profiles():
+    assert get_profile("paper", "jaffe").baseline_epochs == 300
+    paper = get_profile("paper", "CK+")
+    assert (paper.landmark_epochs, paper.head_epochs + paper.finetune_epochs, paper.input_size) == (100, 300, 160)
+    assert get_profile("demo").input_size < 160
+    with pytest.raises(ValueError):
+        get_profile("huge")
+    materialised = on_materialised_copies(get_profile("demo"), copies=2)
+    assert materialised.augment is None and materialised.landmark_epochs == 3  # ceil(8 / 3): same steps
