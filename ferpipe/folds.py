@@ -79,3 +79,19 @@ def check_subject_independence(manifest: pd.DataFrame) -> None:
     leaking = folds_per_subject[folds_per_subject > 1]
     if len(leaking):
         raise AssertionError(f"subjects in more than one fold: {', '.join(map(str, leaking.index[:5]))}")
+
+
+def fold_summary(manifest: pd.DataFrame, folds: list[int] | None = None) -> str:
+    """A Markdown table: per fold, the test subjects and images per class (ok rows)."""
+    usable = manifest[manifest["status"] == OK]
+    classes = sorted(usable["label"].unique())
+    lines = ["| fold | test subjects | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
+    for fold in folds if folds is not None else fold_ids(manifest):
+        test = usable[usable["fold"] == fold]
+        counts = test["label"].value_counts()
+        lines.append(f"| {fold} | {test['subject'].nunique()} | "
+                     + " | ".join(str(int(counts.get(c, 0))) for c in classes) + " |")
+    always = usable[usable["fold"] == TRAIN_ONLY]
+    if len(always):
+        lines.append(f"\n{len(always)} images are always on the training side (fold {TRAIN_ONLY}).")
+    return "\n".join(lines) + "\n"

@@ -51,3 +51,18 @@ def landmark_sheet(manifest: pd.DataFrame, store: Store, columns: int = 6, rows:
 def write_landmark_sheet(manifest: pd.DataFrame, store: Store, name: str = "landmarks.png") -> str:
     store.write_bytes(name, imaging.encode_png(landmark_sheet(manifest, store)))
     return name
+
+
+def landmark_page(manifest: pd.DataFrame, store: Store) -> str:
+    """A self-contained HTML page (the sheet inlined) for the KFP UI's HTML viewer."""
+    import base64
+
+    counts = manifest["status"].value_counts().to_dict()
+    png = base64.b64encode(imaging.encode_png(landmark_sheet(manifest, store))).decode()
+    rows = "".join(f"<tr><td>{status}</td><td>{n}</td></tr>" for status, n in sorted(counts.items()))
+    return (
+        "<html><body><h3>Faces and landmarks</h3>"
+        "<p>Colours: eyebrows yellow, eyes blue, nose green, mouth red, jaw magenta.</p>"
+        f"<table border=1><tr><th>status</th><th>images</th></tr>{rows}</table>"
+        f'<img src="data:image/png;base64,{png}"/></body></html>'
+    )

@@ -469,7 +469,8 @@ def test_manifest_values_match_components_images(monkeypatch):
     assert images.GPU_RESOURCE == GPU_RESOURCE
     assert (images.CPU_IMAGE, images.GPU_IMAGE) == tuple(f"{image}:{version}" for image in IMAGES)
     assert images.STORAGE_SECRET == SECRET
-    assert tuple(images.STORAGE_SECRET_KEYS) == SECRET_KEYS
+    # Tasks read the two credentials and the (non-secret) endpoints from the one Secret.
+    assert tuple(images.STORAGE_SECRET_KEYS) == (*SECRET_KEYS, "FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL")
 
 
 def test_images_are_ours_and_tagged_with_the_package_version(rendered):

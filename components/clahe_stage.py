@@ -1,0 +1,20 @@
+"""Stage 2, CLAHE."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def enhance_contrast(frames: Input[Dataset], clip_limit: float, tile_grid: int, cache_uri: str,
+                     enhanced: Output[Dataset]):
+    """Contrast-limited adaptive histogram equalisation of every ok frame."""
+    from ferpipe.imaging import ClaheSettings
+    from ferpipe.preprocess import apply_stages
+    from ferpipe.stages import PreprocessSettings
+
+    settings = PreprocessSettings(clahe=ClaheSettings(clip_limit, tile_grid))
+    manifest = apply_stages(frames.path, enhanced.path, ("clahe",), settings, cache=cache_uri or None)
+    enhanced.metadata.update(cached=manifest.attrs["cache_hits"], images=len(manifest))
+    enhanced.metadata["ok"] = int((manifest["status"] == "ok").sum())

@@ -1,0 +1,21 @@
+"""Stage 3, face detection with OpenCV's res10 SSD."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def detect_faces(enhanced: Input[Dataset], confidence: float, on_no_face: str, cache_uri: str,
+                 faces: Output[Dataset]):
+    """The most confident valid face per frame, cropped to 160x160; no_face recorded otherwise."""
+    from ferpipe.detection import DetectionSettings
+    from ferpipe.preprocess import apply_stages
+    from ferpipe.stages import PreprocessSettings
+
+    settings = PreprocessSettings(detection=DetectionSettings(confidence=confidence, on_no_face=on_no_face))
+    manifest = apply_stages(enhanced.path, faces.path, ("detect",), settings, cache=cache_uri or None)
+    faces.metadata.update(cached=manifest.attrs["cache_hits"], images=len(manifest))
+    faces.metadata.update(ok=int((manifest["status"] == "ok").sum()),
+                          no_face=int((manifest["status"] == "no_face").sum()))

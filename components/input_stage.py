@@ -1,0 +1,28 @@
+"""Stage 1, input: fingerprint the raw data, then read it into 300x300 gray frames with a manifest."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def fingerprint_data(data_uri: str) -> str:
+    """Names, sizes and content hashes of everything under data_uri, as one hash (never cached)."""
+    from ferpipe.fingerprint import fingerprint
+
+    return fingerprint(data_uri)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def read_input(dataset: str, data_uri: str, fingerprint: str, n_folds: int, cache_uri: str, frames: Output[Dataset]):
+    """Stage 1: every offered image -> one manifest row; ok rows -> 300x300 gray in 3 channels.
+
+    `fingerprint` is unused here but keys KFP's cache: new data, new key.
+    """
+    from ferpipe.preprocess import DatasetOptions, ingest, summary
+
+    manifest = ingest(dataset, data_uri, frames.path, options=DatasetOptions(n_folds=n_folds), cache=cache_uri or None)
+    frames.metadata.update(images=len(manifest), ok=int((manifest["status"] == "ok").sum()), fingerprint=fingerprint,
+                           cached=manifest.attrs["cache_hits"])
+    print(summary(manifest))

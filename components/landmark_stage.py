@@ -1,0 +1,24 @@
+"""Stage 4, landmark annotation with dlib's 68-point predictor."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def annotate_landmarks(faces: Input[Dataset], source: str, cache_uri: str, annotated: Output[Dataset],
+                       preview: Output[HTML]):
+    """68 points per face in [0,1] of the crop; a page of faces with their points for the KFP UI."""
+    from ferpipe.landmarks import LandmarkSettings
+    from ferpipe.preprocess import apply_stages
+    from ferpipe.preview import landmark_page
+    from ferpipe.stages import PreprocessSettings
+    from ferpipe.storage import open_store
+
+    settings = PreprocessSettings(landmarks=LandmarkSettings(source=source))
+    manifest = apply_stages(faces.path, annotated.path, ("landmarks",), settings, cache=cache_uri or None)
+    annotated.metadata.update(cached=manifest.attrs["cache_hits"], images=len(manifest))
+    annotated.metadata["ok"] = int((manifest["status"] == "ok").sum())
+    with open(preview.path, "w") as page:
+        page.write(landmark_page(manifest, open_store(annotated.path)))

@@ -1,0 +1,1 @@
+"""The ferpipe DAG and its compiled YAML."""

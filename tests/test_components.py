@@ -1,0 +1,177 @@
+"""Each KFP component: called as a plain function (unit), and run by KFP's local runner.
+
+The components hold no logic; these tests check that each one wires its typed
+inputs and outputs to ferpipe correctly and records what a person reads in the
+KFP UI (artifact metadata, metrics, reports).
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Markdown, Metrics, Model
+
+from components.aggregation_stage import aggregate_results
+from components.augmentation_stage import augment_fold
+from components.clahe_stage import enhance_contrast
+from components.detection_stage import detect_faces
+from components.fold_plan import plan_folds
+from components.input_stage import fingerprint_data, read_input
+from components.landmark_stage import annotate_landmarks
+from components.prediction_stage import predict_fold
+from components.training_stage import train_member
+from ferpipe.demo_data import make_demo_dataset
+from ferpipe.manifest import read_manifest
+from ferpipe.parts import ENSEMBLE_PARTS
+
+pytestmark = pytest.mark.slow
+
+
+def artifact(kind, root: Path, name: str):
+    return kind(name=name, uri=str(root / name), metadata={})
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), subjects=3, per_expression=1)
+
+
+@pytest.fixture(scope="module")
+def chain(demo, tmp_path_factory):
+    """Stages 1-5 called one after another as plain functions, as the DAG wires them."""
+    root = tmp_path_factory.mktemp("chain")
+    out = {name: artifact(Dataset, root, name) for name in ("frames", "enhanced", "faces", "annotated", "fold")}
+    out["preview"], out["plan"] = artifact(HTML, root, "preview"), artifact(Markdown, root, "plan")
+    cache = str(root / "cache")
+    out["fingerprint"] = fingerprint_data.python_func(data_uri=str(demo))
+    read_input.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"], n_folds=10,
+                           cache_uri=cache, frames=out["frames"])
+    enhance_contrast.python_func(frames=out["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache,
+                                 enhanced=out["enhanced"])
+    detect_faces.python_func(enhanced=out["enhanced"], confidence=0.5, on_no_face="skip", cache_uri=cache,
+                             faces=out["faces"])
+    annotate_landmarks.python_func(faces=out["faces"], source="dlib", cache_uri=cache, annotated=out["annotated"],
+                                   preview=out["preview"])
+    out["folds"] = plan_folds.python_func(annotated=out["annotated"], max_folds=0, plan=out["plan"])
+    augment_fold.python_func(annotated=out["annotated"], fold=1, profile="smoke", dataset="jaffe", seed=0,
+                             fold_data=out["fold"])
+    return out
+
+
+def test_fingerprint_changes_with_the_data(demo, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo, copy)
+    before = fingerprint_data.python_func(data_uri=str(copy))
+    assert before == fingerprint_data.python_func(data_uri=str(demo))
+    (copy / "ZA.HA1.4.tiff").write_bytes((copy / "ZA.AN1.1.tiff").read_bytes())
+    assert fingerprint_data.python_func(data_uri=str(copy)) != before
+
+
+def test_stage_components_pass_datasets_along(chain):
+    for name in ("frames", "enhanced", "faces", "annotated"):
+        manifest = read_manifest(chain[name].path)
+        assert len(manifest) == 21, name
+        assert chain[name].metadata["ok"] == 21
+    assert chain["frames"].metadata["fingerprint"] == chain["fingerprint"]
+    assert read_manifest(chain["faces"].path)["face_box"].notna().all()
+    assert read_manifest(chain["annotated"].path)["landmarks"].map(len).eq(136).all()
+    assert "<img src=\"data:image/png;base64," in Path(chain["preview"].path).read_text()
+
+
+def test_fold_plan_lists_the_loso_folds_and_tables_them(chain):
+    assert chain["folds"] == [0, 1, 2]
+    table = Path(chain["plan"].path).read_text()
+    assert table.startswith("| fold | test subjects |") and table.count("\n| ") == 3  # a row per fold
+
+
+def test_augmentation_keeps_subjects_apart(chain):
+    manifest = read_manifest(chain["fold"].path)
+    sides = {s: set(manifest.loc[manifest["split"] == s, "subject"]) for s in ("train", "val", "test")}
+    assert sides["test"] == {"ZB"} and not sides["test"] & (sides["train"] | sides["val"])
+    assert chain["fold"].metadata["train_examples"] == 2 * chain["fold"].metadata["train_images"]
+
+
+@pytest.fixture(scope="module")
+def trained(chain, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    models = []
+    for slot in ENSEMBLE_PARTS:
+        model = artifact(Model, root, slot)
+        train_member.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke", dataset="jaffe",
+                                 seed=0, cache_uri=str(root / "cache"), model=model)
+        models.append(model)
+    return models
+
+
+def test_training_component_writes_a_model_and_its_history(trained):
+    model = trained[0]
+    summary = json.loads(Path(model.path, "member.json").read_text())
+    assert Path(model.path, "model.weights.h5").stat().st_size > 100_000
+    assert summary["slot"] == "eyebrows" and summary["part"] == "eyebrows"
+    assert [row["stage"] for row in summary["history"]][:1] == ["landmarks"]
+    assert model.metadata["cached"] is False and model.metadata["fold"] == 1
+
+
+def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
+    again = artifact(Model, tmp_path, "again")
+    train_member.python_func(fold_data=chain["fold"], network="el", slot="eyebrows", profile="smoke",
+                             dataset="jaffe", seed=0, cache_uri=str(Path(trained[0].path).parent / "cache"),
+                             model=again)
+    assert again.metadata["cached"] is True
+    assert Path(again.path, "model.weights.h5").read_bytes() == Path(trained[0].path, "model.weights.h5").read_bytes()
+
+
+def test_prediction_and_aggregation_components(chain, trained, tmp_path):
+    predictions = artifact(Dataset, tmp_path, "predictions")
+    fold_metrics = artifact(Metrics, tmp_path, "fold_metrics")
+    predict_fold.python_func(fold_data=chain["fold"], models=list(reversed(trained)), network="el",
+                             profile="smoke", dataset="jaffe", seed=0, predictions=predictions,
+                             metrics=fold_metrics)
+    rows = pd.read_csv(Path(predictions.path, "predictions.csv"))
+    assert len(rows) == 7 and set(rows["subject"]) == {"ZB"}
+    assert set(ENSEMBLE_PARTS) | {"ensemble"} <= set(rows.columns)
+    assert 0 <= fold_metrics.metadata["fold1_accuracy_ensemble"] <= 1
+
+    outputs = {kind.__name__: artifact(kind, tmp_path, kind.__name__)
+               for kind in (Dataset, Metrics, ClassificationMetrics, Markdown)}
+    run_id = aggregate_results.python_func(
+        predictions=[predictions], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path),
+        seed=0, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="components", kfp_run_id="run-123",
+        reports=outputs["Dataset"], metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"],
+        report=outputs["Markdown"])
+    assert len(run_id) == 32
+    matrix = outputs["ClassificationMetrics"].metadata["confusionMatrix"]
+    assert [c["displayName"] for c in matrix["annotationSpecs"]][:2] == ["angry", "disgust"]
+    assert sum(map(sum, (r["row"] for r in matrix["rows"]))) == 7
+    assert "| EL |" in Path(outputs["Markdown"].path).read_text()
+    assert Path(outputs["Dataset"].path, "confusion", "ensemble.png").is_file()
+
+
+def test_stage_components_run_under_the_local_runner(demo, tmp_path):
+    """The local runner executes artifact-passing components only inside a pipeline: a small one here."""
+    from kfp import dsl, local
+
+    @dsl.pipeline
+    def stages(data_uri: str, cache_uri: str) -> Model:
+        frames = read_input(dataset="jaffe", data_uri=data_uri, fingerprint="f", n_folds=10, cache_uri=cache_uri)
+        enhanced = enhance_contrast(frames=frames.outputs["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache_uri)
+        faces = detect_faces(enhanced=enhanced.outputs["enhanced"], confidence=0.5, on_no_face="skip",
+                             cache_uri=cache_uri)
+        annotated = annotate_landmarks(faces=faces.outputs["faces"], source="dlib", cache_uri=cache_uri)
+        plan_folds(annotated=annotated.outputs["annotated"], max_folds=2)
+        fold = augment_fold(annotated=annotated.outputs["annotated"], fold=0, profile="smoke", dataset="jaffe",
+                            seed=0)
+        return train_member(fold_data=fold.outputs["fold_data"], network="baseline", slot="jaw", profile="smoke",
+                            dataset="jaffe", seed=0, cache_uri="").outputs["model"]
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+               raise_on_error=True)
+    model = stages(data_uri=str(demo), cache_uri=str(tmp_path / "cache")).output
+    assert Path(model.path, "model.weights.h5").is_file()
+    summary = json.loads(Path(model.path, "member.json").read_text())
+    assert summary["network"] == "baseline" and summary["fold"] == 0
+    annotated = next((tmp_path / "root").glob("*/annotate-landmarks/annotated"))
+    assert read_manifest(str(annotated))["status"].eq("ok").all()

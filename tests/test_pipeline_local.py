@@ -1,0 +1,79 @@
+"""The whole DAG under KFP's local runner: artifacts, MLflow runs, and a rerun that the caches absorb."""
+
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from ferpipe.demo_data import make_demo_dataset
+from ferpipe.parts import ENSEMBLE_PARTS
+from pipelines.local_run import run_locally
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), subjects=3, per_expression=1)
+
+
+@pytest.fixture(scope="module")
+def first_run(demo, tmp_path_factory):
+    return run_locally(str(demo), "jaffe", tmp_path_factory.mktemp("run"), network="el", profile="smoke",
+                       max_folds=2)
+
+
+def runs_of(uri: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ferpipe")
+    return client.search_runs([experiment.experiment_id], max_results=500)
+
+
+def check_mlflow_tree(uri: str, parent_id: str, folds: int, synthetic: bool):
+    runs = runs_of(uri)
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[parent_id]
+    assert parent.data.tags["synthetic_data"] == str(synthetic)
+    assert parent.data.tags["kfp_run_id"]
+    for name in (*ENSEMBLE_PARTS, "ensemble"):
+        assert 0.0 <= parent.data.metrics[f"accuracy/{name}"] <= 1.0
+    fold_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert len(fold_runs) == folds
+    client = MlflowClient(uri)
+    for fold in fold_runs:
+        members = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == fold.info.run_id]
+        assert sorted(r.data.tags["slot"] for r in members) == sorted(ENSEMBLE_PARTS)
+        assert 0.0 <= fold.data.metrics["accuracy/ensemble"] <= 1.0
+        member = members[0]
+        assert len(client.get_metric_history(member.info.run_id, "finetune/val_loss")) >= 1
+        assert any(a.path == "model" for a in client.list_artifacts(member.info.run_id))
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"table.md", "report.md", "confusion", "complexity.md", "results.json"} <= artifacts
+    return parent
+
+
+def test_local_pipeline_writes_results_and_the_mlflow_tree(first_run):
+    results = json.loads((first_run.results / "results.json").read_text())
+    assert set(results["folds"]) == {"0", "1"} and results["overall"]["images"] == 14
+    assert (first_run.results / "confusion" / "ensemble.png").stat().st_size > 5000
+    assert "SYNTHETIC" in (first_run.results / "report.md").read_text()
+    check_mlflow_tree(first_run.mlflow_uri, first_run.mlflow_run_id, folds=2, synthetic=True)
+
+
+def test_rerun_on_unchanged_data_recomputes_nothing_the_caches_cover(first_run, demo):
+    again = run_locally(str(demo), "jaffe", first_run.out, network="el", profile="smoke", max_folds=2)
+    summary = again.cache_summary()
+    assert summary["read-input"] == (21, 21)
+    for stage in ("enhance-contrast", "detect-faces", "annotate-landmarks"):
+        assert summary[stage] == (21, 21), stage
+    assert summary["train-member"] == (10, 10)
+    first = json.loads((first_run.results / "results.json").read_text())
+    assert json.loads((again.results / "results.json").read_text())["overall"] == first["overall"]
+
+
+def test_london_pipeline(london, tmp_path):
+    run = run_locally(str(london), "folder", tmp_path, network="el", profile="smoke", max_folds=1)
+    results = json.loads((run.results / "results.json").read_text())
+    assert results["classes"] == ["happy", "neutral"] and results["overall"]["images"] == 22
+    check_mlflow_tree(run.mlflow_uri, run.mlflow_run_id, folds=1, synthetic=False)
