@@ -15,13 +15,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ferpipe.adapters import LABELS
 from ferpipe.imaging import decode_png
 from ferpipe.manifest import OK
 from ferpipe.parts import N_POINTS
 from ferpipe.storage import Store, open_store
 
-# Canonical class order: the order of every probability vector and table.
-LABELS = ("angry", "contempt", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+# LABELS (from the adapters) is the canonical class order of every probability vector and table.
 
 
 @dataclass(frozen=True)
