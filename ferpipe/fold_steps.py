@@ -8,9 +8,7 @@ stage 5 already materialised the copies it trains on.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +16,7 @@ import keras
 
 from ferpipe.evaluation import combine_folds
 from ferpipe.fold_data import load_fold_split, read_fold_info
-from ferpipe.profiles import Profile, get_profile
+from ferpipe.profiles import Profile, get_profile, on_materialised_copies
 from ferpipe.train_eval import score_fold, write_reports
 from ferpipe.training import MODEL_FILE, Progress, ensemble_members, load_member, member_by_slot, print_progress, train_member
 
@@ -27,17 +25,9 @@ FOLD_RESULT = "fold.json"
 
 
 def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies: int = 0) -> Profile:
-    """The profile as the pipeline trains it: on materialised copies, without online augmentation.
-
-    An epoch over the original and `copies` augmented versions of each image is
-    (1 + copies) epochs of `train-eval`'s online augmentation, so epochs and
-    patience are divided by that: both paths take about the same gradient steps.
-    """
+    """The profile as the pipeline trains it: on stage 5's materialised copies, epochs scaled to match."""
     chosen = profile if isinstance(profile, Profile) else get_profile(profile, dataset)
-    scaled = lambda epochs: max(1, math.ceil(epochs / (1 + copies)))  # noqa: E731
-    return replace(chosen, augment=None, baseline_epochs=scaled(chosen.baseline_epochs),
-                   landmark_epochs=scaled(chosen.landmark_epochs), head_epochs=scaled(chosen.head_epochs),
-                   finetune_epochs=scaled(chosen.finetune_epochs), patience=scaled(chosen.patience))
+    return on_materialised_copies(chosen, copies)
 
 
 def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
