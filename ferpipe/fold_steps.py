@@ -99,7 +99,3 @@ def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, 
     return results
 
 
-def fold_member_dirs(prediction_dir: str) -> dict[str, Path]:
-    return {p.name: p for p in sorted((Path(prediction_dir) / "members").iterdir())}
-
-
