@@ -97,5 +97,3 @@ def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, 
     }
     write_reports(results, out_dir)
     return results
-
-
