@@ -74,7 +74,7 @@ def load_examples(
     dataset: str | Store, rows: pd.DataFrame, classes: tuple[str, ...], size: int | None = None
 ) -> Examples:
     """Read the crops and landmarks of `rows` (status ok) from a dataset directory."""
-    store = dataset if isinstance(dataset, Store) else open_store(dataset)
+    store = open_store(dataset)
     rows = rows[rows["status"] == OK] if "status" in rows else rows
     index = {name: i for i, name in enumerate(classes)}
     images, points, labels = [], [], []

@@ -14,7 +14,7 @@ from ferpipe.storage import Store, open_store
 
 
 def fingerprint(where: str | Store) -> str:
-    store = where if isinstance(where, Store) else open_store(where)
+    store = open_store(where)
     digest = hashlib.sha256()
     for key in store.list():
         content = hashlib.sha256(store.read_bytes(key)).hexdigest()

@@ -31,8 +31,8 @@ SPLITS = ("train", "val", "test")
 def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, copies: int, out: str | Store,
                        seed: int = 0, settings: AugmentSettings | None = None) -> dict:
     """Split `fold` by subject, augment its training images `copies` times, write it all to `out`."""
-    source = prepared if isinstance(prepared, Store) else open_store(prepared)
-    target = out if isinstance(out, Store) else open_store(out)
+    source = open_store(prepared)
+    target = open_store(out)
     manifest = read_manifest(source)
     classes = class_names(manifest)
     split = split_fold(manifest, fold, profile.val_fraction, seed)
@@ -67,7 +67,7 @@ def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, copie
 
 
 def read_fold_info(where: str | Store) -> dict:
-    store = where if isinstance(where, Store) else open_store(where)
+    store = open_store(where)
     return json.loads(store.read_bytes(FOLD_FILE))
 
 
@@ -75,7 +75,7 @@ def load_fold_split(where: str | Store, name: str, size: int | None = None) -> E
     """The `train`, `val` or `test` examples of a fold dataset, resized to `size`."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    store = where if isinstance(where, Store) else open_store(where)
+    store = open_store(where)
     info = read_fold_info(store)
     manifest = read_manifest(store)
     rows = manifest[(manifest["split"] == name) & (manifest["status"] == OK)]
@@ -95,6 +95,3 @@ def check_no_leak(where: str | Store) -> None:
         shared = sides[a] & sides[b]
         if shared:
             raise AssertionError(f"subjects on both the {a} and {b} side: {sorted(shared)[:5]}")
-
-
-

@@ -68,14 +68,14 @@ def to_table(rows: pd.DataFrame | list[dict]) -> pa.Table:
 
 
 def write_manifest(rows: pd.DataFrame | list[dict], where: str | Store) -> None:
-    store = where if isinstance(where, Store) else open_store(where)
+    store = open_store(where)
     buffer = io.BytesIO()
     pq.write_table(to_table(rows), buffer)
     store.write_bytes(MANIFEST_NAME, buffer.getvalue())
 
 
 def read_manifest(where: str | Store) -> pd.DataFrame:
-    store = where if isinstance(where, Store) else open_store(where)
+    store = open_store(where)
     return pq.read_table(io.BytesIO(store.read_bytes(MANIFEST_NAME))).to_pandas()
 
 

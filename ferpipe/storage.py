@@ -176,8 +176,10 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
-def open_store(uri: str | os.PathLike) -> Store:
-    """The store for a local path or an s3://bucket/prefix URI."""
+def open_store(uri: "str | os.PathLike | Store") -> Store:
+    """The store for a local path or an s3://bucket/prefix URI; a Store is returned as it is."""
+    if isinstance(uri, Store):
+        return uri
     if is_s3(uri):
         return S3Store(str(uri))
     return LocalStore(uri)
