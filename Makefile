@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ferpipe-installed
 
-.PHONY: setup test run lint compile bench clean
+.PHONY: setup test run compile bench clean
 
 setup: $(STAMP)
 

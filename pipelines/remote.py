@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from ferpipe.errors import UserError
@@ -28,9 +29,10 @@ def _client(host: str):
 
 def submit(host: str, arguments: dict, experiment: str = "ferpipe", run_name: str | None = None) -> str:
     """Start one run; returns its id."""
-    compiled = compile_pipeline(Path(_tmp()) / "ferpipe.yaml")
-    run = _client(host).create_run_from_pipeline_package(
-        str(compiled), arguments=arguments, experiment_name=experiment, run_name=run_name)
+    with tempfile.TemporaryDirectory(prefix="ferpipe-") as scratch:
+        compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml")
+        run = _client(host).create_run_from_pipeline_package(
+            str(compiled), arguments=arguments, experiment_name=experiment, run_name=run_name)
     return run.run_id
 
 
@@ -39,11 +41,12 @@ def schedule(host: str, cron: str, arguments: dict, experiment: str = "ferpipe",
     if len(cron.split()) not in (5, 6):
         raise UserError(f"--cron {cron!r} is not a cron expression (5 or 6 fields, e.g. '0 0 3 * * *')")
     client = _client(host)
-    compiled = compile_pipeline(Path(_tmp()) / "ferpipe.yaml")
     experiment_id = client.create_experiment(experiment).experiment_id
-    job = client.create_recurring_run(
-        experiment_id=experiment_id, job_name=name, cron_expression=_six_fields(cron), max_concurrency=1,
-        no_catchup=True, pipeline_package_path=str(compiled), params=arguments, enabled=True)
+    with tempfile.TemporaryDirectory(prefix="ferpipe-") as scratch:
+        compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml")
+        job = client.create_recurring_run(
+            experiment_id=experiment_id, job_name=name, cron_expression=_six_fields(cron), max_concurrency=1,
+            no_catchup=True, pipeline_package_path=str(compiled), params=arguments, enabled=True)
     return job.recurring_run_id
 
 
@@ -51,8 +54,3 @@ def _six_fields(cron: str) -> str:
     """KFP's cron has seconds first; accept the common 5-field form too."""
     return cron if len(cron.split()) == 6 else f"0 {cron}"
 
-
-def _tmp() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="ferpipe-")
