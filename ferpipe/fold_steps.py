@@ -8,6 +8,7 @@ stage 5 already materialised the copies it trains on.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ import keras
 
 from ferpipe.evaluation import combine_folds
 from ferpipe.fold_data import load_fold_split, read_fold_info
+from ferpipe.gradcam import gradcam_figure
 from ferpipe.profiles import Profile, get_profile, on_materialised_copies
 from ferpipe.train_eval import score_fold, write_reports
 from ferpipe.training import MODEL_FILE, Progress, ensemble_members, load_member, member_by_slot, print_progress, train_member
@@ -26,8 +28,7 @@ FOLD_RESULT = "fold.json"
 
 def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies: int = 0) -> Profile:
     """The profile as the pipeline trains it: on stage 5's materialised copies, epochs scaled to match."""
-    chosen = profile if isinstance(profile, Profile) else get_profile(profile, dataset)
-    return on_materialised_copies(chosen, copies)
+    return on_materialised_copies(get_profile(profile, dataset), copies)
 
 
 def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
@@ -74,6 +75,7 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "predictions.csv", index=False)
+    gradcam_figure(models, [m.slot for m in members], test, out / "gradcam.png")
     result = {"fold": info["fold"], "classes": info["classes"], "network": network, "profile": chosen.name,
               "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}
@@ -86,14 +88,21 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
 
 
 def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, profile: str, seed: int = 0) -> dict:
-    """Every fold's result -> results.json, Table I row, confusion matrices summed over folds."""
-    folds = sorted((json.loads((Path(d) / FOLD_RESULT).read_text()) for d in prediction_dirs), key=lambda f: f["fold"])
-    if not folds:
+    """Every fold's result -> results.json, Table I row, confusion matrices summed over folds, Grad-CAM pictures."""
+    by_fold = sorted(((json.loads((Path(d) / FOLD_RESULT).read_text()), Path(d)) for d in prediction_dirs),
+                     key=lambda pair: pair[0]["fold"])
+    if not by_fold:
         raise ValueError("no fold results to aggregate")
+    folds = [fold for fold, _ in by_fold]
     results = {
         "network": network, "profile": profile, "seed": seed, "classes": folds[0]["classes"],
         "folds": {str(f["fold"]): {k: v for k, v in f.items() if k != "members"} for f in folds},
         "overall": combine_folds(folds),
     }
     write_reports(results, out_dir)
+    # Each fold's Grad-CAM picture beside the tables, where people look first (locally OUT/results).
+    for fold, directory in by_fold:
+        if (directory / "gradcam.png").is_file():
+            (Path(out_dir) / "gradcam").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / "gradcam.png", Path(out_dir) / "gradcam" / f"fold{fold['fold']}.png")
     return results

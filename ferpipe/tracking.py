@@ -2,10 +2,11 @@
 
 The parent carries the overall table (each sub-network's and the ensemble's
 accuracy, as the paper's Table I), the summed confusion matrix as a picture,
-the complexity report and the KFP run id. Fold runs carry their accuracies and
-predictions; member runs their parameters, per-epoch metrics and weights.
-Everything is logged after training by the aggregate step, so training tasks
-need no MLflow credentials and a failed fold never leaves half a run tree.
+the complexity report and the KFP run id. Fold runs carry their accuracies,
+predictions and Grad-CAM picture; member runs their parameters, per-epoch
+metrics and weights. Everything is logged after training by the aggregate
+step, so training tasks need no MLflow credentials and a failed fold never
+leaves half a run tree.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _log_fold(client, directory: Path) -> None:
         mlflow.log_metrics({f"accuracy/{k}": v for k, v in _finite(fold["accuracy"]).items()})
         mlflow.log_metric("test_images", fold["images"])
         mlflow.log_artifact(str(directory / "predictions.csv"))
+        if (directory / "gradcam.png").is_file():  # absent when the fold had no test images
+            mlflow.log_artifact(str(directory / "gradcam.png"))
         for slot, member in fold["members"].items():
             with mlflow.start_run(run_name=f"fold {fold['fold']} {slot}", nested=True) as run:
                 mlflow.set_tags({"fold": fold["fold"], "slot": slot, "network": member["network"]})

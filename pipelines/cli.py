@@ -20,7 +20,7 @@ def _run(args) -> None:
     for task, (hit, total) in run.cache_summary().items():
         if hit:
             print(f"cache:       {task}: {hit} of {total} reused")
-    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/ensemble.png)")
+    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/ensemble.png, gradcam/)")
     print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
     print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")
     if run.mlflow_uri.startswith("sqlite:"):

@@ -134,6 +134,7 @@ def test_prediction_and_aggregation_components(chain, trained, tmp_path):
     assert len(rows) == 7 and set(rows["subject"]) == {"ZB"}
     assert set(ENSEMBLE_PARTS) | {"ensemble"} <= set(rows.columns)
     assert 0 <= fold_metrics.metadata["fold1_accuracy_ensemble"] <= 1
+    assert Path(predictions.path, "gradcam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     outputs = {kind.__name__: artifact(kind, tmp_path, kind.__name__)
                for kind in (Dataset, Metrics, ClassificationMetrics, Markdown)}
@@ -148,6 +149,7 @@ def test_prediction_and_aggregation_components(chain, trained, tmp_path):
     assert sum(map(sum, (r["row"] for r in matrix["rows"]))) == 7
     assert "| EL |" in Path(outputs["Markdown"].path).read_text()
     assert Path(outputs["Dataset"].path, "confusion", "ensemble.png").is_file()
+    assert Path(outputs["Dataset"].path, "gradcam", "fold1.png").read_bytes() == Path(predictions.path, "gradcam.png").read_bytes()
 
 
 def test_stage_components_run_under_the_local_runner(demo, tmp_path):

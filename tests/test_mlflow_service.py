@@ -31,6 +31,8 @@ def fold_dir(root: Path, fold: int, rng) -> str:
         (out / "members" / slot).mkdir(parents=True)
         (out / "members" / slot / "model.weights.h5").write_bytes(rng.bytes(2048))
     (out / "predictions.csv").write_text("image_id,label\nx,happy\n")
+    if fold == 0:  # predict_fold writes no Grad-CAM picture for a fold without test images
+        (out / "gradcam.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(512))
     (out / "fold.json").write_text(json.dumps({"fold": fold, "classes": CLASSES, "network": "el", "profile": "smoke",
                                                "train_examples": 20, "test_subjects": ["s1"], **result,
                                                "members": members}))
@@ -61,6 +63,8 @@ def test_publish_logs_the_run_tree_with_artifacts_on_s3(tracking, tmp_path):
     folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     members = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {f.info.run_id for f in folds}]
     assert len(folds) == 2 and len(members) == 10
+    pictures = {f.data.tags["fold"]: {a.path for a in client.list_artifacts(f.info.run_id)} for f in folds}
+    assert "gradcam.png" in pictures["0"] and "gradcam.png" not in pictures["1"]
     assert [m.step for m in client.get_metric_history(members[0].info.run_id, "finetune/val_loss")] == [2]
     # Artifacts went through the server to the S3 bucket, not to a local folder.
     downloaded = client.download_artifacts(parent.info.run_id, "confusion/ensemble.png", str(tmp_path / "dl"))

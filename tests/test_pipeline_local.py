@@ -57,6 +57,7 @@ def test_local_pipeline_writes_results_and_the_mlflow_tree(first_run):
     results = json.loads((first_run.results / "results.json").read_text())
     assert set(results["folds"]) == {"0", "1"} and results["overall"]["images"] == 14
     assert (first_run.results / "confusion" / "ensemble.png").stat().st_size > 5000
+    assert sorted(p.name for p in (first_run.results / "gradcam").iterdir()) == ["fold0.png", "fold1.png"]
     assert "SYNTHETIC" in (first_run.results / "report.md").read_text()
     check_mlflow_tree(first_run.mlflow_uri, first_run.mlflow_run_id, folds=2, synthetic=True)
 
