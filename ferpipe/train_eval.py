@@ -7,6 +7,7 @@ subjects, score. RUN_DIR receives:
     table.csv, table.md          the run's row of the paper's Table I (accuracy in %)
     confusion/<name>.png|.csv    confusion matrices summed over folds, per sub-network and the ensemble
     predictions/fold<k>.csv      every test image: true label, each member's and the ensemble's pick
+    gradcam/fold<k>.png          where each member looks (Grad-CAM) on a few of the fold's test images
     checkpoints/fold<k>/<slot>/  training state; a rerun with the same RUN_DIR resumes where it stopped
 
 `score_fold` and `write_reports` are what the pipeline's prediction and
@@ -36,8 +37,10 @@ from ferpipe.evaluation import (
     save_confusion,
     write_table,
 )
+from ferpipe.errors import UserError
 from ferpipe.examples import Examples, class_names, load_examples
 from ferpipe.folds import TRAIN_ONLY, fold_ids, split_fold
+from ferpipe.gradcam import gradcam_figure
 from ferpipe.manifest import OK, read_manifest
 from ferpipe.parts import ENSEMBLE_PARTS
 from ferpipe.profiles import Profile, get_profile
@@ -51,10 +54,6 @@ class FoldData:
     train: Examples
     val: Examples
     test: Examples
-
-
-def _profile(profile: str | Profile, dataset: str | None) -> Profile:
-    return profile if isinstance(profile, Profile) else get_profile(profile, dataset)
 
 
 def _dataset_store(uri: str | os.PathLike | Store) -> Store:
@@ -77,7 +76,7 @@ def split_examples(examples: Examples, manifest: pd.DataFrame, fold: int, profil
 
 def load_fold(dataset_uri, fold: int, profile: str | Profile, seed: int = 0, dataset: str | None = None) -> FoldData:
     """One fold's examples, read from the dataset directory (what a single KFP task needs)."""
-    profile = _profile(profile, dataset)
+    profile = get_profile(profile, dataset)
     store = _dataset_store(dataset_uri)
     manifest = read_manifest(store)
     split = split_fold(manifest, fold, profile.val_fraction, seed)
@@ -134,14 +133,14 @@ def train_eval(
 ) -> dict:
     """Train and evaluate `network` (baseline, ftl, el) over the folds of a dataset directory; see the module notes."""
     started = time.perf_counter()
-    profile = _profile(profile, dataset)
+    profile = get_profile(profile, dataset)
     store = _dataset_store(manifest_uri)
     manifest = read_manifest(store)
     classes = class_names(manifest)
     chosen = list(folds) if folds is not None else fold_ids(manifest)
     unknown = sorted(set(chosen) - set(fold_ids(manifest)))
     if unknown:
-        raise ValueError(f"folds {unknown} have no test rows; the manifest's folds are {fold_ids(manifest)}")
+        raise UserError(f"folds {unknown} have no test rows; the manifest's folds are {fold_ids(manifest)}")
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     usable = manifest[manifest["status"] == OK]
@@ -169,6 +168,7 @@ def train_eval(
                      f"eta {elapsed / done * (tasks - done):.0f}s")
         result, rows = score_fold(models, data.test, [m.slot for m in members])
         rows.to_csv(out / "predictions" / f"fold{fold}.csv", index=False)
+        gradcam_figure(models, [m.slot for m in members], data.test, out / "gradcam" / f"fold{fold}.png")
         result.update(train_seconds=seconds, wall_seconds=round(time.perf_counter() - fold_started, 3),
                       train_images=len(data.train), val_images=len(data.val))
         results["folds"][str(fold)] = result
@@ -196,7 +196,7 @@ def cross_dataset_eval(
     (CK+'s contempt for SFEW-trained members); classes match by name.
     """
     started = time.perf_counter()
-    profile = _profile(profile, dataset)
+    profile = get_profile(profile, dataset)
     train_store, test_store = _dataset_store(train_uri), _dataset_store(test_uri)
     manifest = read_manifest(train_store)
     usable = manifest[manifest["status"] == OK]
