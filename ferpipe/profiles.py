@@ -55,7 +55,7 @@ SMOKE = Profile(
     learning_rate=1e-3, finetune_learning_rate=1e-3, bn_momentum=0.9,
 )
 
-# Sized on 2 cores: EL over the ten London folds (~160 training images a fold) in ~15 minutes.
+# Sized on 2 cores: EL over the ten London folds (~160 training images a fold) in ~14 minutes.
 # 48x48 input makes an epoch ~0.5 s, so a member gets 29 epochs (~150 steps) where 64x64 gave 18.
 # The learning rates are 1e-3 throughout: at the paper's 1e-2 the landmark stage swings for the
 # first few hundred steps (validation L1 100x the training loss while BatchNorm catches up),
