@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from science_fixtures import write_dataset
 
-from ferpipe.ensemble import predict_members
-from ferpipe.profiles import SMOKE, get_profile, on_materialised_copies
-from ferpipe.train_eval import cross_dataset_eval, load_fold, train_eval
 from ferpipe.augment import to_network_input
 from ferpipe.cli import main
+from ferpipe.ensemble import predict_members
 from ferpipe.networks import build_extractor, build_landmark_head
 from ferpipe.parts import part_outputs, part_slice
+from ferpipe.profiles import SMOKE, get_profile, on_materialised_copies
+from ferpipe.train_eval import cross_dataset_eval, load_fold, train_eval
 from ferpipe.training import ensemble_members, member_by_slot, start_at_mean_shape, train_member
 
 
