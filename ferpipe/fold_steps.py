@@ -24,6 +24,7 @@ from ferpipe.training import MODEL_FILE, Progress, ensemble_members, load_member
 
 MEMBER_FILE = "member.json"
 FOLD_RESULT = "fold.json"
+GRADCAM_FILE = "gradcam.png"
 
 
 def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies: int = 0) -> Profile:
@@ -75,7 +76,7 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "predictions.csv", index=False)
-    gradcam_figure(models, [m.slot for m in members], test, out / "gradcam.png")
+    gradcam_figure(models, [m.slot for m in members], test, out / GRADCAM_FILE)
     result = {"fold": info["fold"], "classes": info["classes"], "network": network, "profile": chosen.name,
               "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}
@@ -102,7 +103,7 @@ def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, 
     write_reports(results, out_dir)
     # Each fold's Grad-CAM picture beside the tables, where people look first (locally OUT/results).
     for fold, directory in by_fold:
-        if (directory / "gradcam.png").is_file():
+        if (directory / GRADCAM_FILE).is_file():
             (Path(out_dir) / "gradcam").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(directory / "gradcam.png", Path(out_dir) / "gradcam" / f"fold{fold['fold']}.png")
+            shutil.copyfile(directory / GRADCAM_FILE, Path(out_dir) / "gradcam" / f"fold{fold['fold']}.png")
     return results

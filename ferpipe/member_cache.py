@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ferpipe.fold_data import FOLD_FILE
+from ferpipe.fold_data import read_fold_info
 from ferpipe.manifest import read_manifest
 from ferpipe.storage import open_store
 
@@ -24,7 +24,7 @@ def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, 
     columns = ["image_id", "sha256", "label", "split", "status"]
     rows = manifest[columns].astype(str).values.tolist()
     points = [None if v is None else [round(float(x), 5) for x in v] for v in manifest["landmarks"]]
-    fold_info = json.loads(Path(fold_dir, FOLD_FILE).read_text())
+    fold_info = read_fold_info(fold_dir)
     recipe = [CACHE_VERSION, rows, points, fold_info, network, slot, profile, seed, dataset]
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 

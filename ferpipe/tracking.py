@@ -64,7 +64,9 @@ def log_pipeline_run(tracking_uri: str, experiment: str, run_name: str, results:
 def _log_fold(client, directory: Path) -> None:
     import mlflow
 
-    fold = json.loads((directory / "fold.json").read_text())
+    from ferpipe.fold_steps import FOLD_RESULT, GRADCAM_FILE
+
+    fold = json.loads((directory / FOLD_RESULT).read_text())
     with mlflow.start_run(run_name=f"fold {fold['fold']}", nested=True):
         mlflow.set_tag("fold", fold["fold"])
         mlflow.log_params({"fold": fold["fold"], "test_subjects": len(fold["test_subjects"]),
@@ -72,8 +74,8 @@ def _log_fold(client, directory: Path) -> None:
         mlflow.log_metrics({f"accuracy/{k}": v for k, v in _finite(fold["accuracy"]).items()})
         mlflow.log_metric("test_images", fold["images"])
         mlflow.log_artifact(str(directory / "predictions.csv"))
-        if (directory / "gradcam.png").is_file():  # absent when the fold had no test images
-            mlflow.log_artifact(str(directory / "gradcam.png"))
+        if (directory / GRADCAM_FILE).is_file():  # absent when the fold had no test images
+            mlflow.log_artifact(str(directory / GRADCAM_FILE))
         for slot, member in fold["members"].items():
             with mlflow.start_run(run_name=f"fold {fold['fold']} {slot}", nested=True) as run:
                 mlflow.set_tags({"fold": fold["fold"], "slot": slot, "network": member["network"]})
