@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ferpipe.demo_data import EXPRESSION_CODES, make_demo_dataset
+from ferpipe.demo.synthetic import EXPRESSION_CODES, make_demo_dataset
 
 
 def contact_sheet(data: Path, subjects: int, tile: int = 160) -> np.ndarray:

@@ -17,8 +17,8 @@ import time
 import keras
 import numpy as np
 
-from ferpipe.export import PROBABILITIES, build_ensemble_model
-from ferpipe.networks import build_classifier
+from ferpipe.model.export import PROBABILITIES, build_ensemble_model
+from ferpipe.model.networks import build_classifier
 
 
 def median_ms_per_image(run, batch: np.ndarray, repeats: int) -> float:

@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--network", default="el")
     args = parser.parse_args()
 
-    from ferpipe.demo_data import make_demo_dataset
+    from ferpipe.demo.synthetic import make_demo_dataset
     from pipelines.local_run import run_locally
 
     work = Path(tempfile.mkdtemp(prefix="ferpipe-bench-"))
@@ -78,8 +78,8 @@ def main() -> None:
                       max_folds=args.max_folds)
     wall = time.perf_counter() - started
     busy = union_seconds(handler.intervals)
-    light = import_seconds("kfp.dsl.executor_main, ferpipe.preprocess")
-    heavy = import_seconds("kfp.dsl.executor_main, ferpipe.fold_steps")
+    light = import_seconds("kfp.dsl.executor_main, ferpipe.preprocess.runner")
+    heavy = import_seconds("kfp.dsl.executor_main, ferpipe.crossval.steps")
     tasks = [name for name, *_ in handler.intervals]
     tf_tasks = sum(name in ("train-member", "predict-fold", "aggregate-results") for name in tasks)
     startup = light * (len(tasks) - tf_tasks) + heavy * tf_tasks

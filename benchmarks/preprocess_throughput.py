@@ -16,8 +16,8 @@ import cv2
 import dlib
 import numpy as np
 
-from ferpipe.models_on_disk import dlib_68_model, ssd_files
-from ferpipe.preprocess import default_workers, preprocess
+from ferpipe.preprocess.pretrained import dlib_68_model, ssd_files
+from ferpipe.preprocess.runner import default_workers, preprocess
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "london-faces"
 

@@ -21,12 +21,12 @@ from dataclasses import replace
 import keras
 import numpy as np
 
-from ferpipe.augment import to_network_input
-from ferpipe.examples import Examples
-from ferpipe.networks import build_classifier
-from ferpipe.parts import N_POINTS
-from ferpipe.profiles import PAPER
-from ferpipe.training import adam, ensemble_members, train_member
+from ferpipe.data.parts import N_POINTS
+from ferpipe.model.augment import to_network_input
+from ferpipe.model.examples import Examples
+from ferpipe.model.networks import build_classifier
+from ferpipe.model.profiles import PAPER
+from ferpipe.model.training import adam, ensemble_members, train_member
 
 CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 

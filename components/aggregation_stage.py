@@ -13,7 +13,7 @@ def aggregate_results(predictions: Input[List[Dataset]], network: str, profile: 
                       seed: int, mlflow_uri: str, experiment: str, kfp_run_id: str, reports: Output[Dataset], metrics: Output[Metrics],
                       confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
     """Returns the MLflow parent run id (empty when mlflow_uri is empty)."""
-    from ferpipe.report import publish
+    from ferpipe.crossval.report import publish
 
     outcome = publish([p.path for p in predictions], reports.path, network=network, profile=profile,
                       dataset=dataset, data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,

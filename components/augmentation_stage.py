@@ -10,8 +10,8 @@ from components.images import CPU_IMAGE
 def augment_fold(annotated: Input[Dataset], fold: int, profile: str, dataset: str, seed: int,
                  fold_data: Output[Dataset]):
     """Split the fold by subject; flip/rotate/shear/shift each training crop and its landmarks together."""
-    from ferpipe.fold_data import check_no_leak, copies_for, write_fold_dataset
-    from ferpipe.profiles import get_profile
+    from ferpipe.crossval.fold_dataset import check_no_leak, copies_for, write_fold_dataset
+    from ferpipe.model.profiles import get_profile
 
     chosen = get_profile(profile, dataset)
     info = write_fold_dataset(annotated.path, int(fold), chosen, copies_for(chosen), fold_data.path, seed)

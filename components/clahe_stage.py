@@ -10,9 +10,9 @@ from components.images import CPU_IMAGE
 def enhance_contrast(frames: Input[Dataset], clip_limit: float, tile_grid: int, cache_uri: str,
                      enhanced: Output[Dataset]):
     """Contrast-limited adaptive histogram equalisation of every ok frame."""
-    from ferpipe.imaging import ClaheSettings
-    from ferpipe.preprocess import apply_stages
-    from ferpipe.stages import PreprocessSettings
+    from ferpipe.preprocess.chain import PreprocessSettings
+    from ferpipe.preprocess.imaging import ClaheSettings
+    from ferpipe.preprocess.runner import apply_stages
 
     settings = PreprocessSettings(clahe=ClaheSettings(clip_limit, tile_grid))
     manifest = apply_stages(frames.path, enhanced.path, ("clahe",), settings, cache=cache_uri or None)

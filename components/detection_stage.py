@@ -10,9 +10,9 @@ from components.images import CPU_IMAGE
 def detect_faces(enhanced: Input[Dataset], confidence: float, on_no_face: str, cache_uri: str,
                  faces: Output[Dataset]):
     """The most confident valid face per frame, cropped to 160x160; no_face recorded otherwise."""
-    from ferpipe.detection import DetectionSettings
-    from ferpipe.preprocess import apply_stages
-    from ferpipe.stages import PreprocessSettings
+    from ferpipe.preprocess.chain import PreprocessSettings
+    from ferpipe.preprocess.detection import DetectionSettings
+    from ferpipe.preprocess.runner import apply_stages
 
     settings = PreprocessSettings(detection=DetectionSettings(confidence=confidence, on_no_face=on_no_face))
     manifest = apply_stages(enhanced.path, faces.path, ("detect",), settings, cache=cache_uri or None)

@@ -11,8 +11,8 @@ from components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def plan_folds(annotated: Input[Dataset], max_folds: int, plan: Output[Markdown]) -> List[int]:
     """The fold ids to train (the first max_folds when > 0) and a table of who is tested where."""
-    from ferpipe.folds import check_subject_independence, fold_ids, fold_summary
-    from ferpipe.manifest import read_manifest
+    from ferpipe.data.folds import check_subject_independence, fold_ids, fold_summary
+    from ferpipe.data.manifest import read_manifest
 
     manifest = read_manifest(annotated.path)
     check_subject_independence(manifest)

@@ -9,7 +9,7 @@ from components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def fingerprint_data(data_uri: str) -> str:
     """Names, sizes and content hashes of everything under data_uri, as one hash (never cached)."""
-    from ferpipe.fingerprint import fingerprint
+    from ferpipe.data.fingerprint import fingerprint
 
     return fingerprint(data_uri)
 
@@ -20,7 +20,7 @@ def read_input(dataset: str, data_uri: str, fingerprint: str, n_folds: int, cach
 
     `fingerprint` is unused here but keys KFP's cache: new data, new key.
     """
-    from ferpipe.preprocess import DatasetOptions, ingest, summary
+    from ferpipe.preprocess.runner import DatasetOptions, ingest, summary
 
     manifest = ingest(dataset, data_uri, frames.path, options=DatasetOptions(n_folds=n_folds), cache=cache_uri or None)
     frames.metadata.update(images=len(manifest), ok=int((manifest["status"] == "ok").sum()), fingerprint=fingerprint,

@@ -10,11 +10,11 @@ from components.images import CPU_IMAGE
 def annotate_landmarks(faces: Input[Dataset], source: str, cache_uri: str, annotated: Output[Dataset],
                        preview: Output[HTML]):
     """68 points per face in [0,1] of the crop; a page of faces with their points for the KFP UI."""
-    from ferpipe.landmarks import LandmarkSettings
-    from ferpipe.preprocess import apply_stages
-    from ferpipe.preview import landmark_page
-    from ferpipe.stages import PreprocessSettings
-    from ferpipe.storage import open_store
+    from ferpipe.data.storage import open_store
+    from ferpipe.preprocess.chain import PreprocessSettings
+    from ferpipe.preprocess.landmarks import LandmarkSettings
+    from ferpipe.preprocess.preview import landmark_page
+    from ferpipe.preprocess.runner import apply_stages
 
     settings = PreprocessSettings(landmarks=LandmarkSettings(source=source))
     manifest = apply_stages(faces.path, annotated.path, ("landmarks",), settings, cache=cache_uri or None)

@@ -12,7 +12,7 @@ from components.images import CPU_IMAGE
 def predict_fold(fold_data: Input[Dataset], models: Input[List[Model]], network: str, profile: str, dataset: str,
                  seed: int, predictions: Output[Dataset], metrics: Output[Metrics]):
     """Each member's softmax, summed class-wise, argmax; every member's own pick beside it."""
-    from ferpipe.fold_steps import predict_fold as predict
+    from ferpipe.crossval.steps import predict_fold as predict
 
     result = predict(fold_data.path, network, [m.path for m in models], profile, predictions.path, seed, dataset)
     for name, value in result["accuracy"].items():

@@ -11,7 +11,7 @@ def train_member(fold_data: Input[Dataset], network: str, slot: str, profile: st
                  cache_uri: str, model: Output[Model]):
     """Member `slot` (eyebrows, eyes, nose, mouth or jaw) of `network`: transfer learning in three stages
     (el, ftl) or direct training (baseline), early stopping on the validation subjects."""
-    from ferpipe.member_cache import train_or_restore
+    from ferpipe.crossval.member_cache import train_or_restore
 
     summary, cached = train_or_restore(fold_data.path, network, slot, profile, model.path, seed, dataset, cache_uri)
     model.metadata.update({k: v for k, v in summary.items() if k not in ("history", "classes")})

@@ -9,13 +9,13 @@ from ferpipe.errors import UserError
 
 
 def _preprocess(args) -> None:
-    from ferpipe.detection import DetectionSettings
-    from ferpipe.imaging import ClaheSettings
-    from ferpipe.landmarks import LandmarkSettings
-    from ferpipe.preprocess import DatasetOptions, preprocess, summary, timed
-    from ferpipe.preview import write_landmark_sheet
-    from ferpipe.stages import PreprocessSettings
-    from ferpipe.storage import open_store
+    from ferpipe.data.storage import open_store
+    from ferpipe.preprocess.chain import PreprocessSettings
+    from ferpipe.preprocess.detection import DetectionSettings
+    from ferpipe.preprocess.imaging import ClaheSettings
+    from ferpipe.preprocess.landmarks import LandmarkSettings
+    from ferpipe.preprocess.preview import write_landmark_sheet
+    from ferpipe.preprocess.runner import DatasetOptions, preprocess, summary, timed
 
     settings = PreprocessSettings(
         clahe=ClaheSettings(args.clahe_clip, args.clahe_tiles),
@@ -33,7 +33,7 @@ def _preprocess(args) -> None:
 
 
 def _train_eval(args) -> None:
-    from ferpipe.train_eval import cross_dataset_eval, train_eval
+    from ferpipe.crossval.train_eval import cross_dataset_eval, train_eval
 
     if args.test_manifest and args.folds is not None:
         raise UserError("--folds and --test-manifest exclude each other: a cross-dataset run trains on all of --manifest")
@@ -52,20 +52,20 @@ def _train_eval(args) -> None:
 
 
 def _complexity(args) -> None:
-    from ferpipe.complexity import complexity_report
+    from ferpipe.model.complexity import complexity_report
 
     print(complexity_report(args.classes))
 
 
 def _demo_data(args) -> None:
-    from ferpipe.demo_data import make_demo_dataset
+    from ferpipe.demo.synthetic import make_demo_dataset
 
     out = make_demo_dataset(args.out, subjects=args.subjects, per_expression=args.per_expression, seed=args.seed)
     print(f"synthetic demo data (JAFFE layout): {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ferpipe.preprocess import DATASETS
+    from ferpipe.preprocess.runner import DATASETS
 
     parser = argparse.ArgumentParser(prog="ferpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

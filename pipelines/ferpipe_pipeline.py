@@ -21,7 +21,7 @@ from components.input_stage import fingerprint_data, read_input
 from components.landmark_stage import annotate_landmarks
 from components.prediction_stage import predict_fold
 from components.training_stage import train_member
-from ferpipe.parts import ENSEMBLE_PARTS
+from ferpipe.data.parts import ENSEMBLE_PARTS
 
 PIPELINE_NAME = "ferpipe"
 

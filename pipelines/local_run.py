@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferpipe.errors import UserError
-from ferpipe.preprocess import DATASETS, open_source
-from ferpipe.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.preprocess.runner import DATASETS, open_source
 
 
 @dataclass

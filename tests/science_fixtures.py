@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ferpipe.imaging import encode_png
-from ferpipe.manifest import write_manifest
-from ferpipe.parts import FLIP_PERMUTATION, N_POINTS
+from ferpipe.data.manifest import write_manifest
+from ferpipe.data.parts import FLIP_PERMUTATION, N_POINTS
+from ferpipe.preprocess.imaging import encode_png
 
 CROP = 160
 

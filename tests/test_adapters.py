@@ -4,16 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ferpipe.adapters import image_id
-from ferpipe.adapters.ckplus import list_ckplus, parse_emotion
-from ferpipe.adapters.folder import list_folder, read_subject_csv
-from ferpipe.adapters.jaffe import list_jaffe
-from ferpipe.adapters.sfew import list_sfew
-from ferpipe.errors import UserError
-from ferpipe.storage import LocalStore
-
 from conftest import encode, noise_image
+
+from ferpipe.data.adapters import image_id
+from ferpipe.data.adapters.ckplus import list_ckplus, parse_emotion
+from ferpipe.data.adapters.folder import list_folder, read_subject_csv
+from ferpipe.data.adapters.jaffe import list_jaffe
+from ferpipe.data.adapters.sfew import list_sfew
+from ferpipe.data.storage import LocalStore
+from ferpipe.errors import UserError
 
 
 def write(path: Path, data: bytes) -> None:

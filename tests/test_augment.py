@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from science_fixtures import face_template, synthetic_face
 
-from ferpipe.augment import (
+from ferpipe.data.parts import FLIP_PERMUTATION, PARTS
+from ferpipe.model.augment import (
     AugmentSettings,
     BatchStream,
     augment_copies,
@@ -18,7 +19,6 @@ from ferpipe.augment import (
     transform_points,
     warp_image,
 )
-from ferpipe.parts import FLIP_PERMUTATION, PARTS
 
 SIZE = 160
 CONSTANT = AugmentSettings(border="constant")

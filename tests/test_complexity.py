@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ferpipe.complexity import complexity_report, layer_costs, measure_complexity
-from ferpipe.networks import build_classifier
+from ferpipe.model.complexity import complexity_report, layer_costs, measure_complexity
+from ferpipe.model.networks import build_classifier
 
 CONV = 22_118_400 + 4 * 117_964_800 + 3 * 58_982_400  # 2*Ci*9*Co*W*H over the eight convolutions
 POOL = 80 * 80 * 16 + 40 * 40 * 32 + 20 * 20 * 64 + 10 * 10 * 128

@@ -21,9 +21,9 @@ from components.input_stage import fingerprint_data, read_input
 from components.landmark_stage import annotate_landmarks
 from components.prediction_stage import predict_fold
 from components.training_stage import train_member
-from ferpipe.demo_data import make_demo_dataset
-from ferpipe.manifest import read_manifest
-from ferpipe.parts import ENSEMBLE_PARTS
+from ferpipe.data.manifest import read_manifest
+from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.demo.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_training_component_writes_a_model_and_its_history(trained):
     summary = json.loads(Path(model.path, "member.json").read_text())
     assert Path(model.path, "model.weights.h5").stat().st_size > 100_000
     assert summary["slot"] == "eyebrows" and summary["part"] == "eyebrows"
-    assert [row["stage"] for row in summary["history"]][:1] == ["landmarks"]
+    assert [row["phase"] for row in summary["history"]][:1] == ["landmarks"]
     assert model.metadata["cached"] is False and model.metadata["fold"] == 1
 
 

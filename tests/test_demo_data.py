@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferpipe.demo_data import EXPRESSION_CODES, make_demo_dataset
+from ferpipe.demo.synthetic import EXPRESSION_CODES, make_demo_dataset
 
 SUBJECTS, PER_EXPRESSION = 3, 1
 JAFFE_NAME = re.compile(r"^[A-Z]{2}\.(AN|DI|FE|HA|NE|SA|SU)\d\.\d+\.tiff$")

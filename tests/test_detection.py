@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
-
-from ferpipe import imaging
-from ferpipe.detection import DetectionSettings, FaceDetector, clip_box, crop_face
-from ferpipe.models_on_disk import SSD_WEIGHTS_SHA1, ssd_files
-
 from conftest import noise_image
+
+from ferpipe.preprocess import imaging
+from ferpipe.preprocess.detection import DetectionSettings, FaceDetector, clip_box, crop_face
+from ferpipe.preprocess.pretrained import SSD_WEIGHTS_SHA1, ssd_files
 
 
 @pytest.fixture(scope="module")

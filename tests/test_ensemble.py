@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ferpipe.ensemble import ensemble_predictions, ensemble_probabilities, member_predictions, predict_members
-from ferpipe.networks import build_classifier
+from ferpipe.model.ensemble import ensemble_predictions, ensemble_probabilities, member_predictions, predict_members
+from ferpipe.model.networks import build_classifier
 
 
 def test_the_sum_not_the_vote_decides():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ferpipe.evaluation import (
+from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.evaluate.scoring import (
     accuracy,
     combine_folds,
     confusion_matrix,
@@ -17,7 +18,6 @@ from ferpipe.evaluation import (
     save_confusion,
     write_table,
 )
-from ferpipe.parts import ENSEMBLE_PARTS
 
 
 def one_hot(indices, classes):

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from ferpipe.ensemble import ensemble_probabilities, predict_members
-from ferpipe.export import MEMBER_PROBABILITIES, PROBABILITIES, build_ensemble_model, load_ensemble, save_ensemble
-from ferpipe.networks import build_classifier, infer
+from ferpipe.model.ensemble import ensemble_probabilities, predict_members
+from ferpipe.model.export import MEMBER_PROBABILITIES, PROBABILITIES, build_ensemble_model, load_ensemble, save_ensemble
+from ferpipe.model.networks import build_classifier, infer
 
 SIZE = 32
 

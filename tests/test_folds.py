@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from ferpipe.folds import TRAIN_ONLY, assign_folds, check_subject_independence, fold_ids, split_fold
+from ferpipe.data.folds import TRAIN_ONLY, assign_folds, check_subject_independence, fold_ids, split_fold
 
 
 def manifest_of(subjects, statuses=None, splits=None):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferpipe import networks
-from ferpipe.augment import to_network_input
-from ferpipe.examples import Examples
-from ferpipe.gradcam import gradcam, gradcam_figure, pick_examples
+from ferpipe.evaluate.gradcam import gradcam, gradcam_figure, pick_examples
+from ferpipe.model import networks
+from ferpipe.model.augment import to_network_input
+from ferpipe.model.examples import Examples
 
 SIZE = 48
 

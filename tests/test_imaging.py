@@ -2,12 +2,11 @@ import io
 
 import numpy as np
 import pytest
+from conftest import encode
 from PIL import Image
 
-from ferpipe import imaging
-from ferpipe.imaging import ClaheSettings, Reject
-
-from conftest import encode
+from ferpipe.preprocess import imaging
+from ferpipe.preprocess.imaging import ClaheSettings, Reject
 
 
 def test_jpeg_face_becomes_300x300_gray_in_three_channels(face_jpeg):

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from ferpipe import imaging, landmarks
-from ferpipe.detection import FaceDetector, crop_face
-from ferpipe.landmarks import LandmarkPredictor, LandmarkSettings, frame_to_crop, plausible
-from ferpipe.parts import PARTS
+from ferpipe.data.parts import PARTS
+from ferpipe.preprocess import imaging, landmarks
+from ferpipe.preprocess.detection import FaceDetector, crop_face
+from ferpipe.preprocess.landmarks import LandmarkPredictor, LandmarkSettings, frame_to_crop, plausible
 
 
 def anatomy_problems(points: np.ndarray) -> list[str]:

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
-from ferpipe import preprocess as pp
-from ferpipe.folds import check_subject_independence, fold_ids, split_fold
-
 from test_landmarks import anatomy_problems
+
+from ferpipe.data.folds import check_subject_independence, fold_ids, split_fold
+from ferpipe.preprocess import runner as pp
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,8 @@ def test_points_agree_with_dlib_on_its_own_detector_boxes(london_manifest, londo
     """dlib's predictor knows HOG boxes; on the SSD crop it must land near where it lands from HOG."""
     import dlib
 
-    from ferpipe import imaging
-    from ferpipe.models_on_disk import dlib_68_model
+    from ferpipe.preprocess import imaging
+    from ferpipe.preprocess.pretrained import dlib_68_model
 
     predictor, hog = dlib.shape_predictor(str(dlib_68_model())), dlib.get_frontal_face_detector()
     errors = []

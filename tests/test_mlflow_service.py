@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-
-from ferpipe.evaluation import evaluate_predictions
-from ferpipe.parts import ENSEMBLE_PARTS
-from ferpipe.report import publish
-
 from services import mlflow_server, seaweedfs
+
+from ferpipe.crossval.report import publish
+from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.evaluate.scoring import evaluate_predictions
 
 pytestmark = pytest.mark.service
 CLASSES = ["happy", "neutral"]
@@ -22,8 +21,8 @@ def fold_dir(root: Path, fold: int, rng) -> str:
     labels = rng.integers(0, 2, 6)
     probabilities = rng.dirichlet([1, 1], size=(5, 6)).astype(np.float32)
     result = evaluate_predictions(labels, probabilities)
-    history = [{"stage": "landmarks", "epoch": 1, "loss": 0.3, "val_loss": 0.35},
-               {"stage": "finetune", "epoch": 1, "loss": 0.6, "accuracy": 0.7, "val_loss": 0.65}]
+    history = [{"phase": "landmarks", "epoch": 1, "loss": 0.3, "val_loss": 0.35},
+               {"phase": "finetune", "epoch": 1, "loss": 0.6, "accuracy": 0.7, "val_loss": 0.65}]
     members = {slot: {"fold": fold, "network": "el", "slot": slot, "part": slot, "seed": i, "history": history,
                       "classes": CLASSES} for i, slot in enumerate(ENSEMBLE_PARTS)}
     out = root / f"fold{fold}"

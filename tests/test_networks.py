@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from ferpipe.networks import (
+from ferpipe.data.parts import PARTS, part_outputs
+from ferpipe.model.networks import (
     build_classifier,
     build_extractor,
     build_landmark_network,
@@ -14,7 +15,6 @@ from ferpipe.networks import (
     extractor_of,
     infer,
 )
-from ferpipe.parts import PARTS, part_outputs
 
 
 def test_extractor_has_the_papers_parameter_count():

@@ -1,6 +1,6 @@
 import numpy as np
 
-from ferpipe.parts import ENSEMBLE_PARTS, FLIP_PERMUTATION, N_POINTS, PARTS, part_outputs, part_slice
+from ferpipe.data.parts import ENSEMBLE_PARTS, FLIP_PERMUTATION, N_POINTS, PARTS, part_outputs, part_slice
 
 
 def test_parts_cover_the_68_points_once():

@@ -6,8 +6,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from ferpipe.demo_data import make_demo_dataset
-from ferpipe.parts import ENSEMBLE_PARTS
+from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.demo.synthetic import make_demo_dataset
 from pipelines.local_run import run_locally
 
 pytestmark = pytest.mark.slow

@@ -8,18 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
-from ferpipe import preprocess as pp
-from ferpipe.cli import main
-from ferpipe.manifest import COLUMNS, read_manifest
-from ferpipe.stages import PreprocessSettings
-from ferpipe.landmarks import LandmarkSettings, LandmarkPredictor, flatten
-from ferpipe.detection import FaceDetector, crop_face
-from ferpipe import imaging
-
 from conftest import encode, noise_image
+from PIL import Image
 from test_adapters import write
+
+from ferpipe.cli import main
+from ferpipe.data.manifest import COLUMNS, read_manifest
+from ferpipe.preprocess import imaging
+from ferpipe.preprocess import runner as pp
+from ferpipe.preprocess.chain import PreprocessSettings
+from ferpipe.preprocess.detection import FaceDetector, crop_face
+from ferpipe.preprocess.landmarks import LandmarkPredictor, LandmarkSettings, flatten
 
 
 def faces(face_gray, n):

@@ -1,13 +1,12 @@
 """Stages 1-4 with both source and destination on a real S3 server (SeaweedFS), as on the cluster."""
 
 import pytest
-
-from ferpipe import preprocess as pp
-from ferpipe.manifest import read_manifest
-from ferpipe.storage import open_store
-
 from services import seaweedfs
 from test_preprocess import messy_folder  # noqa: F401  (the fixture)
+
+from ferpipe.data.manifest import read_manifest
+from ferpipe.data.storage import open_store
+from ferpipe.preprocess import runner as pp
 
 pytestmark = pytest.mark.service
 

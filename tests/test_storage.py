@@ -1,8 +1,8 @@
 import pytest
 
+from ferpipe.data.manifest import read_manifest, write_manifest
+from ferpipe.data.storage import LocalStore, S3Store, open_store
 from ferpipe.errors import UserError
-from ferpipe.manifest import read_manifest, write_manifest
-from ferpipe.storage import LocalStore, S3Store, open_store
 
 
 def test_local_store_writes_atomically_and_lists_sorted(tmp_path):

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from science_fixtures import write_dataset
 
-from ferpipe.augment import to_network_input
 from ferpipe.cli import main
-from ferpipe.ensemble import predict_members
-from ferpipe.networks import build_extractor, build_landmark_head
-from ferpipe.parts import part_outputs, part_slice
-from ferpipe.profiles import SMOKE, get_profile, on_materialised_copies
-from ferpipe.train_eval import cross_dataset_eval, load_fold, train_eval
-from ferpipe.training import ensemble_members, member_by_slot, start_at_mean_shape, train_member
+from ferpipe.crossval.train_eval import cross_dataset_eval, load_fold, train_eval
+from ferpipe.data.parts import part_outputs, part_slice
+from ferpipe.model.augment import to_network_input
+from ferpipe.model.ensemble import predict_members
+from ferpipe.model.networks import build_extractor, build_landmark_head
+from ferpipe.model.profiles import SMOKE, get_profile, on_materialised_copies
+from ferpipe.model.training import ensemble_members, member_by_slot, start_at_mean_shape, train_member
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,10 @@ class Killed(Exception):
 
 def test_members_of_each_network_type():
     baseline, ftl, el = (ensemble_members(n, seed=1) for n in ("baseline", "ftl", "el"))
-    assert [m.part for m in baseline] == [None] * 5 and baseline[0].stages == ("direct",)
+    assert [m.part for m in baseline] == [None] * 5 and baseline[0].phases == ("direct",)
     assert [m.part for m in ftl] == ["full"] * 5 and len({m.seed for m in ftl}) == 5
     assert [m.part for m in el] == ["eyebrows", "eyes", "nose", "mouth", "jaw"]
-    assert el[0].stages == ("landmarks", "head", "finetune")
+    assert el[0].phases == ("landmarks", "head", "finetune")
     assert member_by_slot("el", "mouth", seed=1) == el[3]
     with pytest.raises(ValueError):
         ensemble_members("resnet")
@@ -82,30 +82,30 @@ def test_the_landmark_head_starts_at_the_training_sets_mean_shape(fold):
     assert near < 0.02 < far and near < far / 10
 
 
-def test_a_killed_member_resumes_at_the_stage_it_reached(fold, tmp_path):
+def test_a_killed_member_resumes_at_the_phase_it_reached(fold, tmp_path):
     member = member_by_slot("el", "mouth")
     profile = replace(SMOKE, landmark_epochs=3, patience=10)
     lines: list[str] = []
 
-    def kill_in_stage_two(line):
+    def kill_in_phase_two(line):
         lines.append(line)
         if " head epoch 1/" in line:
             raise Killed
 
     with pytest.raises(Killed):
-        train_member(member, fold.train, fold.val, profile, tmp_path, kill_in_stage_two)
+        train_member(member, fold.train, fold.val, profile, tmp_path, kill_in_phase_two)
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["done"] == ["landmarks"] and state["stage"] == "head" and state["epoch"] == 1
-    landmark_losses = [r["loss"] for r in state["history"] if r["stage"] == "landmarks"]
+    assert state["done"] == ["landmarks"] and state["phase"] == "head" and state["epoch"] == 1
+    landmark_losses = [r["loss"] for r in state["history"] if r["phase"] == "landmarks"]
     # The landmark head starts at the mean face, so the loss stays near that guess's error (a fresh
     # head would be ~1 off) and does not blow up at the smoke profile's rate.
     assert len(landmark_losses) == 3 and max(landmark_losses) < 0.1
 
     resumed_lines: list[str] = []
     trained = train_member(member, fold.train, fold.val, profile, tmp_path, resumed_lines.append)
-    assert not any(" landmarks epoch" in line for line in resumed_lines)  # stage 1 is not redone
+    assert not any(" landmarks epoch" in line for line in resumed_lines)  # phase 1 is not redone
     assert "resuming after epoch 1" in resumed_lines[0]
-    assert [(r["stage"], r["epoch"]) for r in trained.history] == [
+    assert [(r["phase"], r["epoch"]) for r in trained.history] == [
         ("landmarks", 1), ("landmarks", 2), ("landmarks", 3), ("head", 1), ("head", 2), ("finetune", 1), ("finetune", 2),
     ]
     assert trained.model.output_shape == (None, 2)

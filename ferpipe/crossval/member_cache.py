@@ -1,0 +1,50 @@
+"""Trained members keyed by what they were trained on: a rerun on unchanged data trains nothing.
+
+The key hashes the fold dataset's rows (ids, content hashes, labels, splits,
+landmarks) and how it was augmented, plus the member (network, slot, seed) and
+the profile. TensorFlow is imported only on a miss, so a hit costs a file copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ferpipe.crossval.fold_dataset import read_fold_info
+from ferpipe.data.manifest import read_manifest
+from ferpipe.data.storage import open_store
+
+CACHE_VERSION = 1
+MEMBER_FILES = ("model.weights.h5", "member.json")
+
+
+def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, dataset: str | None) -> str:
+    manifest = read_manifest(fold_dir)
+    columns = ["image_id", "sha256", "label", "split", "status"]
+    rows = manifest[columns].astype(str).values.tolist()
+    points = [None if v is None else [round(float(x), 5) for x in v] for v in manifest["landmarks"]]
+    fold_info = read_fold_info(fold_dir)
+    recipe = [CACHE_VERSION, rows, points, fold_info, network, slot, profile, seed, dataset]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
+                     dataset: str | None = None, cache_uri: str = "") -> tuple[dict, bool]:
+    """(member summary, whether it came from the cache); trains and fills the cache on a miss."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = open_store(cache_uri).child("members") if cache_uri else None
+    key = member_key(fold_dir, network, slot, profile, seed, dataset) if cache else ""
+    if cache is not None and all(cache.exists(f"{key}/{name}") for name in MEMBER_FILES):
+        for name in MEMBER_FILES:
+            (out / name).write_bytes(cache.read_bytes(f"{key}/{name}"))
+        print(f"{network} {slot}: trained member restored from the cache ({key[:12]})")
+        return json.loads((out / "member.json").read_text()), True
+    from ferpipe.crossval.steps import train_on_fold
+
+    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset)
+    if cache is not None:
+        for name in MEMBER_FILES:  # the summary last: its presence marks a complete entry
+            cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())
+    return summary, False

@@ -1,0 +1,117 @@
+"""The pipeline's per-fold steps after augmentation: train one member, predict with five, aggregate.
+
+Each works on directories (what KFP hands a task as artifact paths), so a
+task is one call. Training on a fold dataset switches online augmentation off:
+stage 5 already materialised the copies it trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import keras
+
+from ferpipe.crossval.fold_dataset import load_fold_split, read_fold_info
+from ferpipe.crossval.train_eval import score_fold, write_reports
+from ferpipe.evaluate.gradcam import gradcam_figure
+from ferpipe.evaluate.scoring import combine_folds
+from ferpipe.model.profiles import Profile, get_profile, on_materialised_copies
+from ferpipe.model.training import (
+    MODEL_FILE,
+    Progress,
+    ensemble_members,
+    load_member,
+    member_by_slot,
+    print_progress,
+    train_member,
+)
+
+MEMBER_FILE = "member.json"
+FOLD_RESULT = "fold.json"
+GRADCAM_FILE = "gradcam.png"
+
+
+def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies: int = 0) -> Profile:
+    """The profile as the pipeline trains it: on stage 5's materialised copies, epochs scaled to match."""
+    return on_materialised_copies(get_profile(profile, dataset), copies)
+
+
+def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
+                  dataset: str | None = None, progress: Progress = print_progress) -> dict:
+    """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json."""
+    info = read_fold_info(fold_dir)
+    chosen = pipeline_profile(profile, dataset, info["copies"])
+    train = load_fold_split(fold_dir, "train", chosen.input_size)
+    val = load_fold_split(fold_dir, "val", chosen.input_size)
+    member = member_by_slot(network, slot, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress)
+    trained.model.save_weights(out / MODEL_FILE)
+    summary = {
+        "fold": info["fold"], "network": network, "slot": slot, "part": member.part, "seed": member.seed,
+        "profile": chosen.name, "input_size": chosen.input_size, "classes": info["classes"],
+        "train_examples": len(train), "val_images": len(val), "wall_seconds": round(time.perf_counter() - started, 3),
+        "epochs": {phase: chosen.epochs(phase) for phase in member.phases},
+        "history": trained.history,
+    }
+    (out / MEMBER_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profile: str, out_dir: str,
+                 seed: int = 0, dataset: str | None = None) -> dict:
+    """The ensemble step: the five members predict the fold's held-out subjects; sum of softmaxes, argmax."""
+    chosen = pipeline_profile(profile, dataset)
+    info = read_fold_info(fold_dir)
+    by_slot = {}
+    for directory in member_dirs:
+        summary = json.loads((Path(directory) / MEMBER_FILE).read_text())
+        by_slot[summary["slot"]] = (Path(directory), summary)
+    members = ensemble_members(network, seed)
+    missing = [m.slot for m in members if m.slot not in by_slot]
+    if missing:
+        raise ValueError(f"fold {info['fold']}: no trained member for {', '.join(missing)}")
+    models = [load_member(m, len(info["classes"]), chosen.input_size, by_slot[m.slot][0] / MODEL_FILE)
+              for m in members]
+    test = load_fold_split(fold_dir, "test", chosen.input_size)
+    result, rows = score_fold(models, test, [m.slot for m in members])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "predictions.csv", index=False)
+    gradcam_figure(models, [m.slot for m in members], test, out / GRADCAM_FILE)
+    result = {"fold": info["fold"], "classes": info["classes"], "network": network, "profile": chosen.name,
+              "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
+              "members": {m.slot: by_slot[m.slot][1] for m in members}}
+    (out / FOLD_RESULT).write_text(json.dumps(result, indent=1))
+    for m in members:  # the aggregate step logs each member's model to MLflow from here
+        (out / "members" / m.slot).mkdir(parents=True, exist_ok=True)
+        (out / "members" / m.slot / MODEL_FILE).write_bytes((by_slot[m.slot][0] / MODEL_FILE).read_bytes())
+    keras.backend.clear_session()
+    return result
+
+
+def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, profile: str, seed: int = 0) -> dict:
+    """Every fold's result -> results.json, Table I row, confusion matrices summed over folds, Grad-CAM pictures."""
+    by_fold = sorted(((json.loads((Path(d) / FOLD_RESULT).read_text()), Path(d)) for d in prediction_dirs),
+                     key=lambda pair: pair[0]["fold"])
+    if not by_fold:
+        raise ValueError("no fold results to aggregate")
+    folds = [fold for fold, _ in by_fold]
+    results = {
+        "network": network, "profile": profile, "seed": seed, "classes": folds[0]["classes"],
+        "folds": {str(f["fold"]): {k: v for k, v in f.items() if k != "members"} for f in folds},
+        "overall": combine_folds(folds),
+    }
+    write_reports(results, out_dir)
+    # Each fold's Grad-CAM picture beside the tables, where people look first (locally OUT/results).
+    for fold, directory in by_fold:
+        if (directory / GRADCAM_FILE).is_file():
+            (Path(out_dir) / "gradcam").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / GRADCAM_FILE, Path(out_dir) / "gradcam" / f"fold{fold['fold']}.png")
+    return results

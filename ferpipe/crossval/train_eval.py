@@ -1,0 +1,231 @@
+"""Cross-validated training and evaluation of one network type: `ferpipe train-eval`.
+
+For each fold: split by subject, train the five members, predict the test
+subjects, score. RUN_DIR receives:
+
+    results.json                 per fold and overall accuracy of each sub-network and the ensemble, wall times
+    table.csv, table.md          the run's row of the paper's Table I (accuracy in %)
+    confusion/<name>.png|.csv    confusion matrices summed over folds, per sub-network and the ensemble
+    predictions/fold<k>.csv      every test image: true label, each member's and the ensemble's pick
+    gradcam/fold<k>.png          where each member looks (Grad-CAM) on a few of the fold's test images
+    checkpoints/fold<k>/<slot>/  training state; a rerun with the same RUN_DIR resumes where it stopped
+
+`score_fold` and `write_reports` are what the pipeline's prediction and
+aggregate steps call (ferpipe.crossval.steps); `cross_dataset_eval` is the
+paper's Table III: train on one dataset, test on all of another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ferpipe.data.folds import TRAIN_ONLY, fold_ids, split_fold
+from ferpipe.data.manifest import OK, read_manifest
+from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.data.storage import Store, open_store
+from ferpipe.errors import UserError
+from ferpipe.evaluate.gradcam import gradcam_figure
+from ferpipe.evaluate.scoring import (
+    ENSEMBLE,
+    combine_folds,
+    evaluate_cross_dataset,
+    evaluate_predictions,
+    results_table,
+    save_confusion,
+    write_table,
+)
+from ferpipe.model.ensemble import ensemble_predictions, predict_members
+from ferpipe.model.examples import Examples, class_names, load_examples
+from ferpipe.model.profiles import Profile, get_profile
+from ferpipe.model.training import Progress, ensemble_members, print_progress, train_member
+
+
+@dataclass(frozen=True)
+class FoldData:
+    fold: int
+    train: Examples
+    val: Examples
+    test: Examples
+
+
+def _dataset_store(uri: str | os.PathLike | Store) -> Store:
+    """The dataset directory; a path to its manifest.parquet is accepted too."""
+    if isinstance(uri, Store):
+        return uri
+    text = str(uri).rstrip("/")
+    if text.endswith(".parquet"):
+        text = text.rsplit("/", 1)[0] if "/" in text else "."
+    return open_store(text)
+
+
+def split_examples(examples: Examples, manifest: pd.DataFrame, fold: int, profile: Profile, seed: int = 0) -> FoldData:
+    """A fold's train/val/test examples out of examples preloaded for every usable row."""
+    split = split_fold(manifest, fold, profile.val_fraction, seed)
+    row_of = {image_id: i for i, image_id in enumerate(examples.image_ids)}
+    pick = lambda rows: examples.take([row_of[i] for i in rows["image_id"].astype(str)])  # noqa: E731
+    return FoldData(fold, pick(split.train), pick(split.val), pick(split.test))
+
+
+def load_fold(dataset_uri, fold: int, profile: str | Profile, seed: int = 0, dataset: str | None = None) -> FoldData:
+    """One fold's examples, read from the dataset directory (what a single KFP task needs)."""
+    profile = get_profile(profile, dataset)
+    store = _dataset_store(dataset_uri)
+    manifest = read_manifest(store)
+    split = split_fold(manifest, fold, profile.val_fraction, seed)
+    classes = class_names(manifest)
+    load = lambda rows: load_examples(store, rows, classes, profile.input_size)  # noqa: E731
+    return FoldData(fold, load(split.train), load(split.val), load(split.test))
+
+
+def _prediction_rows(test: Examples, probabilities: np.ndarray, slots: Sequence[str]) -> pd.DataFrame:
+    classes = np.array(test.classes)
+    frame = pd.DataFrame({"image_id": test.image_ids, "subject": test.subjects, "label": classes[test.labels]})
+    for slot, member in zip(slots, probabilities):
+        frame[slot] = classes[member.argmax(axis=-1)]
+    frame[ENSEMBLE] = classes[ensemble_predictions(probabilities)]
+    summed = probabilities.sum(axis=0)
+    for i, name in enumerate(classes):
+        frame[f"sum_{name}"] = summed[:, i].round(5)
+    return frame
+
+
+def score_fold(models: Sequence, test: Examples, slots: Sequence[str] = ENSEMBLE_PARTS) -> tuple[dict, pd.DataFrame]:
+    """Predict a fold's test images with every member; the fold's scores and per-image rows."""
+    started = time.perf_counter()
+    if len(test):
+        probabilities = predict_members(models, test.images)
+    else:  # every test image of the fold was rejected upstream
+        probabilities = np.zeros((len(models), 0, len(test.classes)), np.float32)
+    result = evaluate_predictions(test.labels, probabilities, slots)
+    result["predict_seconds"] = time.perf_counter() - started
+    return result, _prediction_rows(test, probabilities, slots)
+
+
+def write_reports(results: dict, out_dir) -> None:
+    """Table I row, confusion matrices (summed over folds) and results.json for a finished run."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    overall = results["overall"]
+    write_table(results_table({results["network"]: overall["accuracy"]}), out / "table")
+    for name, matrix in overall["confusion"].items():
+        title = f"{results['network']} {name}: {100 * overall['accuracy'][name]:.2f}% of {overall['images']}"
+        save_confusion(np.array(matrix), results["classes"], out / "confusion" / name, title)
+    _write_json(out / "results.json", results)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def train_eval(
+    manifest_uri, network: str, profile: str | Profile, out_dir, seed: int = 0, folds: Sequence[int] | None = None,
+    dataset: str | None = None, progress: Progress = print_progress,
+) -> dict:
+    """Train and evaluate `network` (baseline, ftl, el) over the folds of a dataset directory; see the module notes."""
+    started = time.perf_counter()
+    profile = get_profile(profile, dataset)
+    store = _dataset_store(manifest_uri)
+    manifest = read_manifest(store)
+    classes = class_names(manifest)
+    chosen = list(folds) if folds is not None else fold_ids(manifest)
+    unknown = sorted(set(chosen) - set(fold_ids(manifest)))
+    if unknown:
+        raise UserError(f"folds {unknown} have no test rows; the manifest's folds are {fold_ids(manifest)}")
+    out = Path(out_dir)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    usable = manifest[manifest["status"] == OK]
+    progress(f"{network}: {len(usable)} images, classes {', '.join(classes)}, folds {chosen}, profile {profile.name}")
+    examples = load_examples(store, usable, classes, profile.input_size)
+    members = ensemble_members(network, seed)
+    results = {
+        "network": network, "profile": profile.name, "input_size": profile.input_size, "dataset_uri": str(store.uri),
+        "classes": list(classes), "seed": seed, "folds": {}, "overall": None, "wall_seconds": None,
+    }
+    tasks, done = len(chosen) * len(members), 0
+    for fold in chosen:
+        fold_started = time.perf_counter()
+        data = split_examples(examples, manifest, fold, profile, seed)
+        models, seconds = [], {}
+        for member in members:
+            member_started = time.perf_counter()
+            trained = train_member(member, data.train, data.val, profile, out / "checkpoints" / f"fold{fold}" / member.slot, progress)
+            seconds[member.slot] = round(time.perf_counter() - member_started, 3)
+            models.append(trained.model)
+            done += 1
+            elapsed = time.perf_counter() - started
+            progress(f"[{done}/{tasks}] fold {fold} {member.name} trained in {seconds[member.slot]:.1f}s "
+                     f"(train {len(data.train)}, val {len(data.val)}); elapsed {elapsed:.0f}s, "
+                     f"eta {elapsed / done * (tasks - done):.0f}s")
+        result, rows = score_fold(models, data.test, [m.slot for m in members])
+        rows.to_csv(out / "predictions" / f"fold{fold}.csv", index=False)
+        gradcam_figure(models, [m.slot for m in members], data.test, out / "gradcam" / f"fold{fold}.png")
+        result.update(train_seconds=seconds, wall_seconds=round(time.perf_counter() - fold_started, 3),
+                      train_images=len(data.train), val_images=len(data.val))
+        results["folds"][str(fold)] = result
+        _write_json(out / "results.json", results)
+        shown = " ".join(f"{k} {100 * v:.1f}" for k, v in result["accuracy"].items())
+        progress(f"fold {fold}: {result['images']} test images, accuracy % {shown}")
+        del models
+    results["overall"] = combine_folds(list(results["folds"].values()))
+    results["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_reports(results, out)
+    shown = " ".join(f"{k} {100 * v:.2f}" for k, v in results["overall"]["accuracy"].items())
+    progress(f"{network} overall accuracy % {shown}; {results['wall_seconds']:.0f}s; results in {out}")
+    return results
+
+
+def cross_dataset_eval(
+    train_uri, test_uri, network: str, profile: str | Profile, out_dir, seed: int = 0,
+    dataset: str | None = None, progress: Progress = print_progress,
+) -> dict:
+    """Table III: train the five members on one dataset, score them on every usable image of another.
+
+    The training side is the rows marked always-train (SFEW's Train split)
+    when there are any, else every usable row; early stopping's validation
+    subjects come from it. Test classes the training set lacks are dropped
+    (CK+'s contempt for SFEW-trained members); classes match by name.
+    """
+    started = time.perf_counter()
+    profile = get_profile(profile, dataset)
+    train_store, test_store = _dataset_store(train_uri), _dataset_store(test_uri)
+    manifest = read_manifest(train_store)
+    usable = manifest[manifest["status"] == OK]
+    side = usable[usable["fold"] == TRAIN_ONLY] if (usable["fold"] == TRAIN_ONLY).any() else usable
+    classes = class_names(side)
+    # A fold number no row has: nothing is tested, validation subjects are drawn from the rest.
+    split = split_fold(side, fold=int(side["fold"].max()) + 1, val_fraction=profile.val_fraction, seed=seed)
+    train = load_examples(train_store, split.train, classes, profile.input_size)
+    val = load_examples(train_store, split.val, classes, profile.input_size)
+    test_manifest = read_manifest(test_store)
+    test_rows = test_manifest[test_manifest["status"] == OK]
+    kept = test_rows[test_rows["label"].str.lower().isin(classes)]
+    test = load_examples(test_store, kept, classes, profile.input_size)
+    out = Path(out_dir)
+    models = []
+    for member in ensemble_members(network, seed):
+        models.append(train_member(member, train, val, profile, out / "checkpoints" / member.slot, progress).model)
+    probabilities = predict_members(models, test.images)
+    result = evaluate_cross_dataset(probabilities, [classes[i] for i in test.labels], classes)
+    dropped = test_rows.loc[~test_rows.index.isin(kept.index), "label"].str.lower().value_counts().sort_index()
+    result.update(
+        network=network, profile=profile.name, train_uri=str(train_store.uri), test_uri=str(test_store.uri),
+        train_images=len(train), val_images=len(val), dropped={str(k): int(v) for k, v in dropped.items()},
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(results_table({network: result["accuracy"]}), out / "table")
+    save_confusion(np.array(result["confusion"][ENSEMBLE]), classes, out / "confusion" / ENSEMBLE,
+                   f"{network} ensemble, cross-dataset: {100 * result['accuracy'][ENSEMBLE]:.2f}%")
+    _write_json(out / "results.json", result)
+    progress(f"{network} cross-dataset accuracy % " + " ".join(f"{k} {100 * v:.2f}" for k, v in result["accuracy"].items()))
+    return result

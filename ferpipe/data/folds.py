@@ -1,0 +1,97 @@
+"""Subject-independent cross-validation: which rows are tested in which fold.
+
+The manifest's `fold` column says in which fold a row sits on the *test*
+side; -1 means it is never tested (SFEW's Train split). A subject's rows always
+share one fold, so nobody is on both sides. The validation set that early
+stopping watches is drawn from the training subjects, never the test fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ferpipe.data.manifest import OK
+
+TRAIN_ONLY = -1
+
+
+def assign_round_robin(subjects: pd.Series, n_folds: int) -> pd.Series:
+    """Subjects sorted ascending, fold i takes subjects i, i+n, i+2n, ... (the CK+ protocol)."""
+    ordered = sorted(subjects.unique())
+    fold_of = {subject: i % n_folds for i, subject in enumerate(ordered)}
+    return subjects.map(fold_of).astype("int32")
+
+
+def assign_leave_one_subject_out(subjects: pd.Series) -> pd.Series:
+    """One fold per subject (the JAFFE protocol)."""
+    return assign_round_robin(subjects, max(1, subjects.nunique()))
+
+
+def assign_train_val(splits: pd.Series) -> pd.Series:
+    """SFEW: train on Train, report on Val, as one fold (0) with Train always training."""
+    return pd.Series(np.where(splits.str.lower() == "val", 0, TRAIN_ONLY), index=splits.index, dtype="int32")
+
+
+def assign_folds(manifest: pd.DataFrame, protocol: str, n_folds: int = 10) -> pd.Series:
+    if protocol == "kfold":
+        return assign_round_robin(manifest["subject"], n_folds)
+    if protocol == "loso":
+        return assign_leave_one_subject_out(manifest["subject"])
+    if protocol == "train_val":
+        return assign_train_val(manifest["split"].fillna(""))
+    raise ValueError(f"unknown fold protocol {protocol!r}")
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    fold: int
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+
+def fold_ids(manifest: pd.DataFrame) -> list[int]:
+    """The folds that have a test side, ascending."""
+    folds = manifest.loc[manifest["fold"] != TRAIN_ONLY, "fold"].dropna().astype(int)
+    return sorted(folds.unique().tolist())
+
+
+def split_fold(manifest: pd.DataFrame, fold: int, val_fraction: float = 0.15, seed: int = 0) -> FoldSplit:
+    """Train/validation/test rows (status ok only) for one fold, split by subject."""
+    usable = manifest[manifest["status"] == OK]
+    test = usable[usable["fold"] == fold]
+    rest = usable[usable["fold"] != fold]
+    subjects = np.array(sorted(rest["subject"].unique()))
+    rng = np.random.default_rng([seed, fold])
+    n_val = int(round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 and len(subjects) > 1 else 0), len(subjects) - 1)
+    val_subjects = set(rng.choice(subjects, size=n_val, replace=False).tolist()) if n_val else set()
+    in_val = rest["subject"].isin(val_subjects)
+    return FoldSplit(fold=fold, train=rest[~in_val], val=rest[in_val], test=test)
+
+
+def check_subject_independence(manifest: pd.DataFrame) -> None:
+    """Raise if any subject sits in two folds; the promise every fold relies on."""
+    folds_per_subject = manifest.groupby("subject")["fold"].nunique()
+    leaking = folds_per_subject[folds_per_subject > 1]
+    if len(leaking):
+        raise AssertionError(f"subjects in more than one fold: {', '.join(map(str, leaking.index[:5]))}")
+
+
+def fold_summary(manifest: pd.DataFrame, folds: list[int] | None = None) -> str:
+    """A Markdown table: per fold, the test subjects and images per class (ok rows)."""
+    usable = manifest[manifest["status"] == OK]
+    classes = sorted(usable["label"].unique())
+    lines = ["| fold | test subjects | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
+    for fold in folds if folds is not None else fold_ids(manifest):
+        test = usable[usable["fold"] == fold]
+        counts = test["label"].value_counts()
+        lines.append(f"| {fold} | {test['subject'].nunique()} | "
+                     + " | ".join(str(int(counts.get(c, 0))) for c in classes) + " |")
+    always = usable[usable["fold"] == TRAIN_ONLY]
+    if len(always):
+        lines.append(f"\n{len(always)} images are always on the training side (fold {TRAIN_ONLY}).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,240 @@
+"""Stage 5: geometric augmentation of face crops and their landmarks, together.
+
+One random 2x3 affine (flip, rotation, shear, translation composed) is applied
+to the image with cv2.warpAffine and to the 68 points with the same matrix, so
+image and landmarks cannot drift apart (the albumentations idea). A flip also
+permutes point indices (`parts.FLIP_PERMUTATION`): after a flip the subject's
+left eye is on the other side of the image and must keep its index.
+
+Defaults are the authors' Keras `ImageDataGenerator(rotation_range=15,
+width_shift_range=0.05, height_shift_range=0.05, shear_range=0.05,
+horizontal_flip=True)` with its defaults `fill_mode='nearest'` and
+`interpolation_order=1`: bilinear sampling, border pixels replicated
+(cv2.BORDER_REPLICATE is 'nearest'). Keras reads `shear_range` in DEGREES, so
+the authors' shear is at most 0.05 degrees, about 0.14 px across a 160 px crop:
+practically none. We keep it to be faithful; raise `shear_deg` for real shear.
+
+Coordinates: a landmark u in [0, 1] sits at pixel index u * size (stage 4
+divides dlib's pixel indices by the crop size), so pixel i's centre is i/size
+and the image centre is ((size - 1) / 2, (size - 1) / 2), as in Keras.
+
+Points that leave the crop: a draw that pushes more than `max_leaving` points
+(of all 68: the copies are shared by the five part networks) from inside
+[0, 1] to outside is redrawn, up to `retries` times; if every draw loses
+points, the one losing fewest is kept and its points are clipped to [0, 1].
+Redrawing biases the transforms slightly towards small ones, which is what a
+face crop allows anyway. All returned points are clipped to [0, 1].
+
+This module is numpy + OpenCV only, so the stage-5 component stays light;
+`training` wraps `BatchStream` for Keras.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ferpipe.data.parts import FLIP_PERMUTATION
+
+BORDERS = {"replicate": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT}
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    rotation_deg: float = 15.0
+    width_shift: float = 0.05  # fraction of the width
+    height_shift: float = 0.05  # fraction of the height
+    shear_deg: float = 0.05  # degrees, as Keras reads shear_range
+    horizontal_flip: bool = True
+    border: str = "replicate"
+    max_leaving: int = 0
+    retries: int = 5
+
+    def __post_init__(self):
+        if self.border not in BORDERS:
+            raise ValueError(f"border must be one of {sorted(BORDERS)}, not {self.border!r}")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A forward map from source to augmented pixel indices, plus whether it mirrors."""
+
+    matrix: np.ndarray  # 2x3 float64
+    flipped: bool
+
+
+@dataclass(frozen=True)
+class AugmentedCopies:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    points: np.ndarray  # (N, 68, 2) float32 in [0, 1]
+    source_index: np.ndarray  # (N,) row of the input each copy came from
+    copy_index: np.ndarray  # (N,) 0 = the original when kept, else 1..k
+
+
+def compose(size: int, flipped: bool, rotation_deg: float, shift_x: float, shift_y: float, shear_deg: float) -> Transform:
+    """The 2x3 affine of one draw: flip, then rotation and shear about the centre, then shift (pixels)."""
+    c = (size - 1) / 2.0
+    to_centre = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]], dtype=np.float64)
+    flip = np.diag([-1.0 if flipped else 1.0, 1.0, 1.0])
+    theta = math.radians(rotation_deg)
+    rotation = np.array([[math.cos(theta), -math.sin(theta), 0], [math.sin(theta), math.cos(theta), 0], [0, 0, 1]])
+    s = math.radians(shear_deg)
+    shear = np.array([[1, -math.sin(s), 0], [0, math.cos(s), 0], [0, 0, 1]])  # Keras' shear matrix
+    back = np.array([[1, 0, c + shift_x], [0, 1, c + shift_y], [0, 0, 1]], dtype=np.float64)
+    matrix = back @ shear @ rotation @ flip @ to_centre
+    return Transform(matrix[:2], flipped)
+
+
+def draw_transform(rng: np.random.Generator, size: int, settings: AugmentSettings = AugmentSettings()) -> Transform:
+    """One random transform, each parameter uniform in its +-range as ImageDataGenerator draws it."""
+    flipped = bool(settings.horizontal_flip and rng.random() < 0.5)
+    return compose(
+        size,
+        flipped,
+        rng.uniform(-settings.rotation_deg, settings.rotation_deg),
+        rng.uniform(-settings.width_shift, settings.width_shift) * size,
+        rng.uniform(-settings.height_shift, settings.height_shift) * size,
+        rng.uniform(-settings.shear_deg, settings.shear_deg),
+    )
+
+
+def transform_points(points: np.ndarray, transform: Transform, size: int) -> np.ndarray:
+    """(68, 2) points in [0,1] -> where the transform puts them, unclipped, indices permuted on a flip."""
+    pixels = points.astype(np.float64) * size
+    moved = pixels @ transform.matrix[:, :2].T + transform.matrix[:, 2]
+    moved = (moved / size).astype(np.float32)
+    if transform.flipped:
+        # FLIP_PERMUTATION[i] is the index point i takes after the flip.
+        mirrored = np.empty_like(moved)
+        mirrored[FLIP_PERMUTATION] = moved
+        moved = mirrored
+    return moved
+
+
+def warp_image(image: np.ndarray, transform: Transform, settings: AugmentSettings = AugmentSettings()) -> np.ndarray:
+    height, width = image.shape[:2]
+    return cv2.warpAffine(
+        image, transform.matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=BORDERS[settings.border]
+    )
+
+
+def _inside(points: np.ndarray) -> np.ndarray:
+    return np.all((points >= 0.0) & (points <= 1.0), axis=-1)
+
+
+def augment_example(
+    image: np.ndarray, points: np.ndarray, rng: np.random.Generator, settings: AugmentSettings = AugmentSettings()
+) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented (image, points) pair; see the module notes for points leaving the crop."""
+    size = image.shape[1]
+    if image.shape[0] != size:
+        raise ValueError(f"augmentation expects square crops, got {image.shape[:2]}")
+    was_inside = _inside(points)
+    best: tuple[int, Transform, np.ndarray] | None = None
+    for _ in range(settings.retries + 1):
+        transform = draw_transform(rng, size, settings)
+        moved = transform_points(points, transform, size)
+        inside_before = was_inside[FLIP_PERMUTATION] if transform.flipped else was_inside
+        leaving = int(np.sum(inside_before & ~_inside(moved)))
+        if best is None or leaving < best[0]:
+            best = (leaving, transform, moved)
+        if leaving <= settings.max_leaving:
+            break
+    _, transform, moved = best
+    return warp_image(image, transform, settings), np.clip(moved, 0.0, 1.0)
+
+
+def augment_batch(
+    images: np.ndarray, points: np.ndarray, rng: np.random.Generator, settings: AugmentSettings = AugmentSettings()
+) -> tuple[np.ndarray, np.ndarray]:
+    out_images = np.empty_like(images)
+    out_points = np.empty_like(points, dtype=np.float32)
+    for i in range(len(images)):
+        out_images[i], out_points[i] = augment_example(images[i], points[i], rng, settings)
+    return out_images, out_points
+
+
+def augment_copies(
+    images: np.ndarray,
+    points: np.ndarray,
+    copies: int,
+    seed: int = 0,
+    settings: AugmentSettings = AugmentSettings(),
+    include_original: bool = True,
+) -> AugmentedCopies:
+    """k augmented copies per image (after the original, when kept), materialised as arrays.
+
+    Each source image has its own generator seeded by (seed, row index), so
+    its copies do not depend on the other rows (appending rows changes nothing).
+    """
+    out_images, out_points, source, copy = [], [], [], []
+    for i in range(len(images)):
+        if include_original:
+            out_images.append(images[i])
+            out_points.append(np.clip(points[i], 0.0, 1.0).astype(np.float32))
+            source.append(i)
+            copy.append(0)
+        rng = np.random.default_rng([seed, i])
+        for k in range(1, copies + 1):
+            image, moved = augment_example(images[i], points[i], rng, settings)
+            out_images.append(image)
+            out_points.append(moved)
+            source.append(i)
+            copy.append(k)
+    size = images.shape[1:] if len(images) else (0, 0, 3)
+    return AugmentedCopies(
+        images=np.stack(out_images) if out_images else np.empty((0, *size), np.uint8),
+        points=np.stack(out_points) if out_points else np.empty((0, *points.shape[1:]), np.float32),
+        source_index=np.asarray(source, dtype=np.int64),
+        copy_index=np.asarray(copy, dtype=np.int64),
+    )
+
+
+def to_network_input(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1], what the networks are fed."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+class BatchStream:
+    """Shuffled, freshly augmented batches, one pass per epoch, reproducible from (seed, epoch, batch).
+
+    Every batch is full: the last one is topped up from the start of the
+    epoch's order. One batch shape means one traced training function; a
+    ragged last batch costs a second trace, seconds on a CPU.
+
+    `targets(points, rows)` returns what the network should predict for the
+    batch: the augmented points of a part for landmark regression, or the
+    rows' one-hot labels for classification. The owner sets `epoch` before
+    each pass (training does it from Keras' on_epoch_begin), so a resumed run
+    sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, images, points, targets, batch_size=32, seed=0, settings: AugmentSettings | None = AugmentSettings()):
+        self.images = images
+        self.points = points
+        self.targets = targets
+        self.batch_size = batch_size
+        self.seed = seed
+        self.settings = settings
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The rows of an epoch's batches, in order: a permutation, cyclically extended to full batches."""
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+        return np.resize(permutation, len(self) * self.batch_size)
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        images, points = self.images[rows], self.points[rows]
+        if self.settings is not None:
+            images, points = augment_batch(images, points, np.random.default_rng([self.seed, epoch, index]), self.settings)
+        return to_network_input(images), self.targets(points, rows)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.batch(self.epoch, index)

@@ -1,0 +1,429 @@
+"""Stage 6: training one ensemble member, resumably.
+
+Network types (DESIGN.md section 5):
+  baseline  five randomly initialised sub-networks trained directly (lr 1e-2)
+  ftl       five networks pre-trained on all 68 points, then classifiers; members differ by seed
+  el        one network per part: the landmark pre-training regresses only that part's points
+
+Transfer learning runs three phases: `landmarks` (extractor + landmark head,
+L1, lr 1e-2), `head` (the classification head on the frozen extractor, lr
+1e-2), `finetune` (everything, lr 1e-4). The baseline runs one phase,
+`direct`. Every phase uses Adam(0.9, 0.999, 1e-7), batch 32, and stops when
+validation loss has not improved for `patience` epochs, restoring its best
+weights.
+
+A member's checkpoint directory holds `state.json` (phase, epochs done, early
+stopping's best value and wait, history) and weights files written after every
+epoch, optimizer state included. A killed task called again with the same
+directory resumes at the phase and epoch it reached; finished phases are
+loaded, not rerun. Initial weights come from initializers seeded by (member
+seed, phase) and batches are a function of (seed, phase, epoch), so a run
+repeats, and a resumed run follows the path of one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+
+from ferpipe.data.parts import ENSEMBLE_PARTS, part_outputs, part_slice
+from ferpipe.model.augment import BatchStream, to_network_input
+from ferpipe.model.examples import Examples
+from ferpipe.model.networks import (
+    build_classification_head,
+    build_extractor,
+    build_landmark_head,
+    build_landmark_network,
+    build_subnetwork,
+    extractor_of,
+    head_of,
+    infer_compiled,
+)
+from ferpipe.model.profiles import NETWORK_TYPES, Profile
+
+PHASES = {"baseline": ("direct",), "ftl": ("landmarks", "head", "finetune"), "el": ("landmarks", "head", "finetune")}
+STATE_FILE = "state.json"
+MODEL_FILE = "model.weights.h5"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One of the five networks of an ensemble."""
+
+    network: str  # baseline, ftl or el
+    slot: str  # the column it sits in: eyebrows, eyes, nose, mouth, jaw
+    part: str | None  # landmarks its extractor is pre-trained on; None for the baseline
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.network}_{self.slot}"
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return PHASES[self.network]
+
+
+def ensemble_members(network: str, seed: int = 0) -> list[Member]:
+    """The five members of a network type. For baseline and FTL the slot is only a column name."""
+    if network not in NETWORK_TYPES:
+        raise ValueError(f"unknown network type {network!r}; expected one of {', '.join(NETWORK_TYPES)}")
+    part = {"baseline": lambda slot: None, "ftl": lambda slot: "full", "el": lambda slot: slot}[network]
+    return [Member(network, slot, part(slot), seed * 100 + i) for i, slot in enumerate(ENSEMBLE_PARTS)]
+
+
+def member_by_slot(network: str, slot: str, seed: int = 0) -> Member:
+    for member in ensemble_members(network, seed):
+        if member.slot == slot:
+            return member
+    raise ValueError(f"unknown slot {slot!r}; expected one of {', '.join(ENSEMBLE_PARTS)}")
+
+
+@dataclass
+class TrainedMember:
+    member: Member
+    model: keras.Model  # the sub-network: extractor + classification head
+    history: list[dict] = field(default_factory=list)  # one row per epoch, all phases
+    seconds: float = 0.0  # time spent in epochs (training + validation), summed over resumed runs
+
+
+def print_progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def adam(learning_rate: float) -> keras.optimizers.Adam:
+    return keras.optimizers.Adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+
+
+def _atomic_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _atomic_weights(model: keras.Model, path: Path) -> None:
+    """The Keras weights file a finished member is handed on as."""
+    # Keras insists on the .weights.h5 suffix, so the temporary name keeps it.
+    tmp = path.with_name(f"tmp-{path.name}")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def _save_snapshot(model: keras.Model, path: Path) -> None:
+    """Weights and optimizer state as plain arrays: ~10 ms, where Keras' save_weights takes ~200."""
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays.update({f"o{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_snapshot(model: keras.Model, path: Path) -> None:
+    """Undo `_save_snapshot` into a model of the same architecture and optimizer."""
+    with np.load(path) as arrays:
+        weights = [arrays[f"w{i}"] for i in range(len(model.weights))]
+        model.set_weights(weights)
+        for i, variable in enumerate(model.optimizer.variables):
+            variable.assign(arrays[f"o{i}"])
+
+
+class _Feed(keras.utils.PyDataset):
+    """BatchStream as Keras wants it; the epoch is set by `_PhaseMonitor` before each pass."""
+
+    def __init__(self, stream: BatchStream):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, index: int):
+        return self.stream[index]
+
+
+def _validate(model: keras.Model, phase: str, inputs: np.ndarray, targets: np.ndarray, batch_size: int) -> dict:
+    """Validation loss (and accuracy) computed eagerly, as Keras' val_loss would be.
+
+    Keras' own validation would trace a test function every time a workbench
+    model is fitted again; the predict step traced once per workbench model
+    serves every member and epoch.
+    """
+    outputs = infer_compiled(model, inputs, batch_size)
+    if phase == "landmarks":
+        return {"val_loss": float(np.mean(np.abs(outputs - targets)))}
+    probabilities = np.clip(outputs, 1e-7, 1 - 1e-7)
+    return {
+        "val_loss": float(np.mean(-np.sum(targets * np.log(probabilities), axis=-1))),
+        "val_accuracy": float(np.mean(outputs.argmax(-1) == targets.argmax(-1))),
+    }
+
+
+class _PhaseMonitor(keras.callbacks.Callback):
+    """Validation, early stopping, per-epoch checkpoints and progress lines for one phase, all resumable."""
+
+    def __init__(self, run: "_Run", phase: str, stream: BatchStream, epochs: int, validation):
+        super().__init__()
+        self.run, self.phase, self.stream, self.epochs, self.validation = run, phase, stream, epochs, validation
+        self.monitor = "val_loss" if validation is not None else "loss"
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.stream.epoch = epoch
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        run, state = self.run, self.run.state
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        if self.validation is not None:
+            logs.update(_validate(self.model, self.phase, *self.validation, run.profile.batch_size))
+        seconds = time.perf_counter() - self.started
+        value = logs[self.monitor]
+        if value < state["best"]:
+            state["best"], state["wait"] = value, 0
+            _save_snapshot(self.model, run.path(f"{self.phase}.best.npz"))
+        else:
+            state["wait"] += 1
+        state["epoch"] = epoch + 1
+        state["seconds"] += seconds
+        state["history"].append({"phase": self.phase, "epoch": epoch + 1, **logs, "seconds": round(seconds, 3)})
+        _save_snapshot(self.model, run.path(f"{self.phase}.last.npz"))
+        run.save_state()
+        shown = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate")
+        run.progress(f"{run.member.name} seed {run.member.seed} {self.phase} epoch {epoch + 1}/{self.epochs} {shown} ({seconds:.1f}s)")
+        if state["wait"] >= run.profile.patience:
+            self.model.stop_training = True
+
+
+class _Run:
+    """The state of one member's training in its checkpoint directory."""
+
+    def __init__(self, member: Member, profile: Profile, directory: Path, fingerprint: dict, progress: Progress):
+        self.member, self.profile, self.directory, self.progress = member, profile, directory, progress
+        directory.mkdir(parents=True, exist_ok=True)
+        saved = self.path(STATE_FILE)
+        if saved.exists():
+            self.state = json.loads(saved.read_text())
+            if self.state["fingerprint"] != fingerprint:
+                raise ValueError(
+                    f"checkpoint {directory} was made for other settings or data; use a fresh directory "
+                    f"(saved {self.state['fingerprint']}, now {fingerprint})"
+                )
+        else:
+            self.state = {"fingerprint": fingerprint, "done": [], "phase": None, "epoch": 0, "best": math.inf,
+                          "wait": 0, "seconds": 0.0, "history": [], "complete": False}
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def save_state(self) -> None:
+        _atomic_json(self.path(STATE_FILE), self.state)
+
+    def begin(self, phase: str) -> None:
+        if self.state["phase"] != phase:
+            self.state.update(phase=phase, epoch=0, best=math.inf, wait=0)
+            self.save_state()
+
+    def finish(self, phase: str) -> None:
+        self.state["done"].append(phase)
+        self.state.update(phase=None, epoch=0, best=math.inf, wait=0)
+        self.save_state()
+
+
+def _fingerprint(member: Member, profile: Profile, train: Examples, val: Examples | None) -> dict:
+    return {
+        "member": asdict(member),
+        "profile": json.loads(json.dumps(asdict(profile))),
+        "classes": list(train.classes),
+        "input_size": train.size,
+        "train": len(train),
+        "val": len(val) if val is not None else 0,
+    }
+
+
+class _Workbench:
+    """Compiled models reused from member to member, so each training step is traced once per process.
+
+    Tracing a Keras training step costs 2-4 s on a CPU, more than a smoke or
+    demo member's whole training, and a model re-traces whenever it is
+    compiled. So each kind of phase model is built and compiled once per
+    (input size, classes, BatchNorm momentum) and a member's phase starts by
+    loading its initial weights into it and zeroing the optimizer: the same
+    start as a fresh model. Head training and fine-tuning use different
+    models because freezing changes what the traced step updates.
+    """
+
+    def __init__(self, input_size: int, classes: int, bn_momentum: float):
+        self.input_size, self.classes, self.bn_momentum = input_size, classes, bn_momentum
+        self.models: dict[tuple, keras.Model] = {}
+
+    def model(self, phase: str, outputs: int = 0) -> keras.Model:
+        key = ("landmarks", outputs) if phase == "landmarks" else ("head",) if phase == "head" else ("full",)
+        if key not in self.models:
+            extractor = build_extractor(self.input_size, bn_momentum=self.bn_momentum)
+            if phase == "landmarks":
+                model = build_landmark_network(extractor, outputs)
+                model.compile(adam(1e-2), loss="mean_absolute_error", jit_compile=False)
+            else:
+                model = build_subnetwork(extractor, self.classes)
+                # Freezing also puts BatchNorm in inference mode (Keras 3): the head learns on
+                # exactly the features the landmark phase produced.
+                extractor.trainable = phase != "head"
+                model.compile(adam(1e-2), loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+            # Built now, the optimizer's slots exist before the first step; built lazily,
+            # they make tf.function trace the step twice.
+            model.optimizer.build(model.trainable_variables)
+            self.models[key] = model
+        return self.models[key]
+
+
+_WORKBENCHES: dict[tuple, _Workbench] = {}
+
+
+def _workbench(input_size: int, classes: int, bn_momentum: float) -> _Workbench:
+    key = (input_size, classes, bn_momentum)
+    if key not in _WORKBENCHES:
+        _WORKBENCHES[key] = _Workbench(*key)
+    return _WORKBENCHES[key]
+
+
+def _start_phase(model: keras.Model, extractor_weights: list, head_weights: list, learning_rate: float) -> None:
+    """Put a member's starting weights into a workbench model and give it a fresh Adam."""
+    extractor_of(model).set_weights(extractor_weights)
+    head_of(model).set_weights(head_weights)
+    for variable in model.optimizer.variables:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    model.optimizer.learning_rate = learning_rate
+
+
+def _phase_rate(phase: str, profile: Profile) -> float:
+    return profile.finetune_learning_rate if phase == "finetune" else profile.learning_rate
+
+
+# A fresh landmark head's outputs are of order 1 (an initial L1 loss of ~1.2 on [0, 1] coordinates,
+# where always answering the mean face is ~0.02 off), and a short run spends its steps unlearning
+# that. Starting from the training set's mean shape, with the output kernel scaled down so the
+# first predictions stay near it, the extractor learns offsets from the mean face from step one.
+# The paper does not say how the head starts; this changes no parameter count.
+MEAN_SHAPE_KERNEL_SCALE = 0.01
+
+
+def start_at_mean_shape(head_weights: list, points: np.ndarray) -> list:
+    """A landmark head's initial weights whose output is (nearly) the mean of `points` (N, P, 2)."""
+    *hidden, kernel, bias = head_weights
+    mean = points.reshape(len(points), -1).mean(axis=0) if len(points) else np.full(bias.shape, 0.5)
+    return [*hidden, kernel * MEAN_SHAPE_KERNEL_SCALE, mean.astype(bias.dtype)]
+
+
+def _targets(phase: str, member: Member, examples: Examples) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    if phase == "landmarks":
+        points = part_slice(member.part)
+        return lambda moved, rows: moved[:, points].reshape(len(rows), -1)
+    one_hot = examples.one_hot()
+    return lambda moved, rows: one_hot[rows]
+
+
+def _fit_phase(run: _Run, phase: str, index: int, model: keras.Model, train: Examples, val: Examples | None) -> None:
+    profile, member = run.profile, run.member
+    epochs = profile.epochs(phase)
+    stream = BatchStream(
+        train.images, train.points, _targets(phase, member, train), profile.batch_size,
+        seed=member.seed * 16 + index, settings=profile.augment,
+    )
+    validation = None
+    if val is not None and len(val):
+        validation = (to_network_input(val.images), _targets(phase, member, val)(val.points, np.arange(len(val))))
+    resumed = run.state["epoch"]
+    if resumed:
+        _load_snapshot(model, run.path(f"{phase}.last.npz"))
+        run.progress(f"{member.name} {phase}: resuming after epoch {resumed}")
+    if resumed < epochs and run.state["wait"] < profile.patience:
+        # shuffle=False: the stream already shuffles, seeded; Keras' own shuffle reorders a
+        # PyDataset's batches with Python's unseeded `random`, and runs would not repeat.
+        model.fit(
+            _Feed(stream), epochs=epochs, initial_epoch=resumed, verbose=0, shuffle=False,
+            callbacks=[_PhaseMonitor(run, phase, stream, epochs, validation)],
+        )
+    best = run.path(f"{phase}.best.npz")
+    if best.exists():
+        _load_snapshot(model, best)
+    _save_snapshot(model, run.path(f"{phase}.final.npz"))
+
+
+def train_member(
+    member: Member,
+    train: Examples,
+    val: Examples | None,
+    profile: Profile,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: Progress = print_progress,
+) -> TrainedMember:
+    """Train one ensemble member on one fold's data; resumes from `checkpoint_dir` when it holds a run.
+
+    `train` and `val` must be at `profile.input_size`. Returns the sub-network
+    (a model of its own) with the best weights of its last phase, and one
+    history row per epoch.
+    """
+    if train.size != profile.input_size:
+        raise ValueError(f"examples are {train.size}px, profile {profile.name!r} wants {profile.input_size}px")
+    if checkpoint_dir is None:
+        with tempfile.TemporaryDirectory(prefix="ferpipe-member-") as scratch:
+            return train_member(member, train, val, profile, scratch, progress)
+    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress)
+    classes = len(train.classes)
+    # The returned model is built first, from the member's seed: its fresh extractor is the
+    # member's starting point (one model build fewer per member).
+    extractor = build_extractor(profile.input_size, bn_momentum=profile.bn_momentum, seed=member.seed * 16)
+    result = build_subnetwork(extractor, classes, name=member.name)
+    if run.state["complete"]:
+        result.load_weights(run.path(MODEL_FILE))
+        return TrainedMember(member, result, run.state["history"], run.state["seconds"])
+
+    bench = _workbench(profile.input_size, classes, profile.bn_momentum)
+    extractor_weights = extractor_of(result).get_weights()
+    head_weights: list = []
+    for index, phase in enumerate(member.phases):
+        # Each phase's new head has its own seed, so a resumed run builds the same heads.
+        head_seed = member.seed * 16 + index + 1
+        if phase == "landmarks":
+            model = bench.model(phase, part_outputs(member.part))
+            head = build_landmark_head(part_outputs(member.part), seed=head_seed).get_weights()
+            head_weights = start_at_mean_shape(head, train.points[:, part_slice(member.part)])
+        else:
+            model = bench.model(phase)
+            if phase != "finetune":  # finetune keeps the head the head phase trained
+                head_weights = build_classification_head(classes, seed=head_seed).get_weights()
+        if phase in run.state["done"]:
+            _load_snapshot(model, run.path(f"{phase}.final.npz"))
+        else:
+            run.begin(phase)
+            _start_phase(model, extractor_weights, head_weights, _phase_rate(phase, profile))
+            _fit_phase(run, phase, index, model, train, val)
+            run.finish(phase)
+        extractor_weights = extractor_of(model).get_weights()
+        if phase != "landmarks":
+            head_weights = head_of(model).get_weights()
+
+    extractor_of(result).set_weights(extractor_weights)
+    head_of(result).set_weights(head_weights)
+    _atomic_weights(result, run.path(MODEL_FILE))
+    run.state["complete"] = True
+    run.save_state()
+    return TrainedMember(member, result, run.state["history"], run.state["seconds"])
+
+
+def load_member(member: Member, classes: int, input_size: int, weights: str | os.PathLike) -> keras.Model:
+    """A trained member's sub-network from its `model.weights.h5`."""
+    model = build_subnetwork(build_extractor(input_size), classes, name=member.name)
+    model.load_weights(weights)
+    return model

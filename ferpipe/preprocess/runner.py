@@ -1,0 +1,252 @@
+"""Running stages over a dataset: in-process or on all cores, from raw data or a stage's output.
+
+`preprocess` is the CLI's fused stages 1-4 (plus folds); `ingest` and
+`apply_stages` are the same machinery cut where the KFP components cut it.
+Pixels go to `images/<image_id>.png` in the output store; the manifest is
+written last, once, so an interrupted run leaves no half manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import pandas as pd
+from tqdm import tqdm
+
+from ferpipe.data import folds
+from ferpipe.data.adapters import Inventory, Offer, image_id
+from ferpipe.data.adapters.ckplus import list_ckplus
+from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, read_subject_csv
+from ferpipe.data.adapters.jaffe import list_jaffe
+from ferpipe.data.adapters.sfew import list_sfew
+from ferpipe.data.manifest import OK, empty_row, read_manifest, status_counts, write_manifest
+from ferpipe.data.storage import LocalStore, Store, open_store
+from ferpipe.errors import UserError
+from ferpipe.preprocess import imaging
+from ferpipe.preprocess.cache import ImageCache
+from ferpipe.preprocess.chain import STAGE_ORDER, PreprocessSettings, StageTools, run_stages
+
+DATASETS = ("ckplus", "jaffe", "sfew", "folder")
+IMAGES_DIR = "images"
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    subject_pattern: str = DEFAULT_SUBJECT_PATTERN
+    subjects_csv: str | None = None
+    n_folds: int = 10
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def open_source(data: str) -> Store:
+    store = open_store(data)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise UserError(f"data folder not found: {data}")
+    return store
+
+
+def inventory(dataset: str, source: Store, options: DatasetOptions = DatasetOptions()) -> Inventory:
+    """The dataset's offers, or a UserError if the dataset is unknown or offers nothing."""
+    if dataset == "ckplus":
+        found = list_ckplus(source)
+    elif dataset == "jaffe":
+        found = list_jaffe(source)
+    elif dataset == "sfew":
+        found = list_sfew(source)
+    elif dataset == "folder":
+        subjects = None
+        if options.subjects_csv:
+            csv_path = options.subjects_csv
+            try:
+                text = open_store(os.path.dirname(csv_path) or ".").read_bytes(os.path.basename(csv_path)).decode()
+            except OSError:
+                raise UserError(f"subjects CSV not found: {csv_path}") from None
+            subjects = read_subject_csv(text)
+        found = list_folder(source, options.subject_pattern, subjects)
+    else:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not found.offers:
+        raise UserError(f"no images found for dataset {dataset!r} under {source.uri}")
+    ids = [image_id(o.key) for o in found.offers]
+    if len(set(ids)) != len(ids):
+        raise UserError("two source paths map to one image id; rename the files that differ only in punctuation")
+    return found
+
+
+def offer_record(offer: Offer, source: Store) -> dict:
+    record = empty_row()
+    record.update(
+        image_id=image_id(offer.key), subject=offer.subject, label=offer.label, split=offer.split,
+        source=f"{source.uri.rstrip('/')}/{offer.key}", status=offer.status, detail=offer.detail,
+        _key=offer.key, _landmarks_key=offer.landmarks_key,
+    )
+    return record
+
+
+# One set of tools per worker process: the SSD and dlib load once, not per image.
+_worker: dict = {}
+
+
+def _init_worker(settings: PreprocessSettings, source_uri: str | None, input_uri: str | None, out_uri: str,
+                 cache_uri: str | None = None, names: tuple[str, ...] = ()) -> None:
+    # Parallelism is across processes; a multi-threaded OpenCV per process would fight over the cores.
+    cv2.setNumThreads(1)
+    tools = _worker.get("tools")
+    if tools is None or tools.settings != settings:  # a forked worker inherits the parent's loaded models
+        tools = StageTools(settings)
+    tools.source = open_store(source_uri) if source_uri else None
+    cache = ImageCache(open_store(cache_uri), names, settings.as_dict()) if cache_uri else None
+    _worker.update(tools=tools, input=open_store(input_uri) if input_uri else None, out=open_store(out_uri),
+                   cache=cache)
+
+
+def _pool_context():
+    """fork where it is safe (no TensorFlow threads in this process): workers start at once, sharing
+    the loaded models copy-on-write; spawn otherwise, since a fork would copy half-held locks."""
+    if sys.platform == "linux" and "tensorflow" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _input_bytes(record: dict, names: tuple[str, ...]) -> bytes | None:
+    """The bytes the record enters these stages with: the original file, or the last stage's PNG."""
+    try:
+        if names[0] == "input":
+            return _worker["tools"].source.read_bytes(record["_key"])
+        if record["status"] == OK and record.get("image_path") and _worker["input"] is not None:
+            return _worker["input"].read_bytes(record["image_path"])
+    except OSError:
+        return None  # the stage itself records why
+    return None
+
+
+def _process(job: tuple[dict, tuple[str, ...]]) -> tuple[dict, bool]:
+    """One record through the stages; (row, whether the cache answered)."""
+    record, names = job
+    data = _input_bytes(record, names)
+    cache, key = _worker["cache"], None
+    if cache is not None and data is not None:
+        key = cache.key(hashlib.sha256(data).hexdigest(), record)
+        hit = cache.get(key)
+        if hit is not None:
+            fields, png = hit
+            record.update(fields)
+            return _finish(record, png), True
+    if data is not None:
+        if names[0] == "input":
+            record["_data"] = data
+        else:
+            record["pixels"] = imaging.decode_png(data)
+    record = run_stages(record, names, _worker["tools"])
+    pixels = record.pop("pixels", None)
+    png = imaging.encode_png(pixels) if record["status"] == OK and pixels is not None else None
+    if key is not None:
+        cache.put(key, record, png)
+    return _finish(record, png), False
+
+
+def _finish(record: dict, png: bytes | None) -> dict:
+    if record["status"] == OK and png is not None:
+        record["image_path"] = f"{IMAGES_DIR}/{record['image_id']}.png"
+        _worker["out"].write_bytes(record["image_path"], png)
+    elif record["status"] != OK:
+        record["image_path"] = None
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def run_records(records: list[dict], names: tuple[str, ...], settings: PreprocessSettings, out: Store,
+                source: Store | None = None, input_store: Store | None = None, workers: int | None = None,
+                desc: str = "preprocess", cache: Store | None = None) -> tuple[list[dict], int]:
+    """Apply stages `names` to every record on `workers` processes; (rows in input order, cache hits)."""
+    workers = max(1, workers or default_workers())
+    init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri,
+            cache.uri if cache else None, names)
+    jobs = [(r, names) for r in records]
+    bar = dict(total=len(jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None)
+    _init_worker(*init)
+    if workers == 1:
+        results = [_process(j) for j in tqdm(jobs, **bar)]
+    else:
+        context = _pool_context()
+        if context.get_start_method() == "fork":
+            _worker["tools"].load()  # once here, not once per worker
+        with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+            results = list(tqdm(pool.imap(_process, jobs, chunksize=2), **bar))
+    return [row for row, _ in results], sum(hit for _, hit in results)
+
+
+def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = PreprocessSettings(),
+           options: DatasetOptions = DatasetOptions(), names: tuple[str, ...] = ("input",),
+           workers: int | None = None, cache: str | None = None) -> pd.DataFrame:
+    """From a raw dataset through `names` (stage 1 first) to a dataset directory with folds."""
+    if names[0] != "input":
+        raise ValueError("ingest starts at the input stage")
+    source = open_source(data)
+    found = inventory(dataset, source, options)
+    out_store = open_store(out)
+    records = [offer_record(o, source) for o in found.offers]
+    rows, hits = run_records(records, names, settings, out_store, source=source, workers=workers,
+                             desc="+".join(names), cache=open_store(cache) if cache else None)
+    manifest = pd.DataFrame(rows)
+    manifest.attrs["cache_hits"] = hits
+    manifest["fold"] = folds.assign_folds(manifest, found.protocol, options.n_folds)
+    manifest.attrs["notes"] = found.notes
+    write_manifest(manifest, out_store)
+    return manifest
+
+
+def apply_stages(src: str, out: str, names: tuple[str, ...], settings: PreprocessSettings = PreprocessSettings(),
+                 workers: int | None = None, cache: str | None = None) -> pd.DataFrame:
+    """One or more later stages from one dataset directory to another (a KFP component's work)."""
+    if "input" in names:
+        raise ValueError("the input stage reads raw data: use ingest")
+    input_store, out_store = open_store(src), open_store(out)
+    manifest = read_manifest(input_store)
+    records = manifest.to_dict("records")
+    rows, hits = run_records(records, names, settings, out_store, input_store=input_store, workers=workers,
+                             desc="+".join(names), cache=open_store(cache) if cache else None)
+    result = pd.DataFrame(rows, columns=manifest.columns)
+    write_manifest(result, out_store)
+    result.attrs["cache_hits"] = hits
+    return result
+
+
+def preprocess(dataset: str, data: str, out: str, settings: PreprocessSettings = PreprocessSettings(),
+               options: DatasetOptions = DatasetOptions(), workers: int | None = None,
+               cache: str | None = None) -> pd.DataFrame:
+    """Stages 1-4 fused per image, folds assigned: the `ferpipe preprocess` command."""
+    return ingest(dataset, data, out, settings, options, names=STAGE_ORDER, workers=workers, cache=cache)
+
+
+def summary(manifest: pd.DataFrame, seconds: float | None = None) -> str:
+    counts = status_counts(manifest)
+    lines = [f"images offered: {len(manifest)}", f"ok: {counts.pop(OK)}"]
+    lines += [f"{status}: {n}" for status, n in counts.items()]
+    for note, n in manifest.attrs.get("notes", {}).items():
+        if n:
+            lines.append(f"{note}: {n}")
+    folds_with_tests = folds.fold_ids(manifest)
+    lines.append(f"folds: {len(folds_with_tests)} (subjects: {manifest['subject'].nunique()})")
+    if manifest.attrs.get("cache_hits"):
+        lines.append(f"from the cache: {manifest.attrs['cache_hits']}")
+    if seconds is not None:
+        lines.append(f"time: {seconds:.1f} s ({len(manifest) / max(seconds, 1e-9):.1f} images/s)")
+    return "\n".join(lines)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
