@@ -3,21 +3,29 @@
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Output
+from kfp.dsl import ClassificationMetrics, Dataset, Markdown, Metrics, Output
 
 from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def aggregate_results(predictions: Input[List[Dataset]], network: str, profile: str, dataset: str, data_uri: str,
-                      seed: int, mlflow_uri: str, experiment: str, kfp_run_id: str, reports: Output[Dataset], metrics: Output[Metrics],
-                      confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
-    """Returns the MLflow parent run id (empty when mlflow_uri is empty)."""
-    from ferpipe.crossval.report import publish
+def aggregation(folds: List[int], network: str, profile: str, dataset: str, data_uri: str, seed: int,
+                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, reports: Output[Dataset],
+                metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
+    """Returns the MLflow parent run id (empty when mlflow_uri is empty).
 
-    outcome = publish([p.path for p in predictions], reports.path, network=network, profile=profile,
-                      dataset=dataset, data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,
-                      kfp_run_id=kfp_run_id)
+    Runs after the whole fold loop and reads the planned folds' results from
+    <work_uri>/<kfp_run_id>/folds/; a missing fold is an error, never a smaller table.
+    """
+    from ferpipe.console import for_task
+    from ferpipe.crossval.report import publish
+    from ferpipe.crossval.steps import gather_fold_results
+
+    for_task()
+    with gather_fold_results(work_uri, kfp_run_id, [int(f) for f in folds]) as prediction_dirs:
+        outcome = publish(prediction_dirs, reports.path, network=network, profile=profile, dataset=dataset,
+                          data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,
+                          kfp_run_id=kfp_run_id)
     for name, value in outcome.accuracy.items():
         metrics.log_metric(f"accuracy_{name}", value)
     confusion.log_confusion_matrix(outcome.classes, outcome.ensemble_confusion)

@@ -7,12 +7,14 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def augment_fold(annotated: Input[Dataset], fold: int, profile: str, dataset: str, seed: int,
-                 fold_data: Output[Dataset]):
+def augmentation_stage(annotated: Input[Dataset], fold: int, profile: str, dataset: str, seed: int,
+                       fold_data: Output[Dataset]):
     """Split the fold by subject; flip/rotate/shear/shift each training crop and its landmarks together."""
+    from ferpipe.console import for_task
     from ferpipe.crossval.fold_dataset import check_no_leak, copies_for, write_fold_dataset
     from ferpipe.model.profiles import get_profile
 
+    for_task()
     chosen = get_profile(profile, dataset)
     info = write_fold_dataset(annotated.path, int(fold), chosen, copies_for(chosen), fold_data.path, seed)
     check_no_leak(fold_data.path)

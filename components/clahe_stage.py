@@ -7,14 +7,14 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def enhance_contrast(frames: Input[Dataset], clip_limit: float, tile_grid: int, cache_uri: str,
-                     enhanced: Output[Dataset]):
+def clahe_stage(frames: Input[Dataset], clip_limit: float, tile_grid: int, cache_uri: str, enhanced: Output[Dataset]):
     """Contrast-limited adaptive histogram equalisation of every ok frame."""
+    from ferpipe.console import for_task
     from ferpipe.preprocess.chain import PreprocessSettings
     from ferpipe.preprocess.imaging import ClaheSettings
-    from ferpipe.preprocess.runner import apply_stages
+    from ferpipe.preprocess.runner import apply_stages, stage_metadata
 
+    for_task()
     settings = PreprocessSettings(clahe=ClaheSettings(clip_limit, tile_grid))
-    manifest = apply_stages(frames.path, enhanced.path, ("clahe",), settings, cache=cache_uri or None)
-    enhanced.metadata.update(cached=manifest.attrs["cache_hits"], images=len(manifest))
-    enhanced.metadata["ok"] = int((manifest["status"] == "ok").sum())
+    enhanced.metadata.update(stage_metadata(
+        apply_stages(frames.path, enhanced.path, ("clahe",), settings, cache=cache_uri or None)))

@@ -7,15 +7,15 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def detect_faces(enhanced: Input[Dataset], confidence: float, on_no_face: str, cache_uri: str,
-                 faces: Output[Dataset]):
+def detection_stage(enhanced: Input[Dataset], confidence: float, on_no_face: str, cache_uri: str,
+                    faces: Output[Dataset]):
     """The most confident valid face per frame, cropped to 160x160; no_face recorded otherwise."""
+    from ferpipe.console import for_task
     from ferpipe.preprocess.chain import PreprocessSettings
     from ferpipe.preprocess.detection import DetectionSettings
-    from ferpipe.preprocess.runner import apply_stages
+    from ferpipe.preprocess.runner import apply_stages, stage_metadata
 
+    for_task()
     settings = PreprocessSettings(detection=DetectionSettings(confidence=confidence, on_no_face=on_no_face))
-    manifest = apply_stages(enhanced.path, faces.path, ("detect",), settings, cache=cache_uri or None)
-    faces.metadata.update(cached=manifest.attrs["cache_hits"], images=len(manifest))
-    faces.metadata.update(ok=int((manifest["status"] == "ok").sum()),
-                          no_face=int((manifest["status"] == "no_face").sum()))
+    faces.metadata.update(stage_metadata(
+        apply_stages(enhanced.path, faces.path, ("detect",), settings, cache=cache_uri or None)))

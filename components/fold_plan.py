@@ -9,11 +9,13 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def plan_folds(annotated: Input[Dataset], max_folds: int, plan: Output[Markdown]) -> List[int]:
+def fold_plan(annotated: Input[Dataset], max_folds: int, plan: Output[Markdown]) -> List[int]:
     """The fold ids to train (the first max_folds when > 0) and a table of who is tested where."""
+    from ferpipe.console import for_task
     from ferpipe.data.folds import check_subject_independence, fold_ids, fold_summary
     from ferpipe.data.manifest import read_manifest
 
+    for_task()
     manifest = read_manifest(annotated.path)
     check_subject_independence(manifest)
     folds = fold_ids(manifest)

@@ -7,22 +7,26 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def fingerprint_data(data_uri: str) -> str:
+def input_fingerprint(data_uri: str) -> str:
     """Names, sizes and content hashes of everything under data_uri, as one hash (never cached)."""
+    from ferpipe.console import for_task
     from ferpipe.data.fingerprint import fingerprint
 
+    for_task()
     return fingerprint(data_uri)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def read_input(dataset: str, data_uri: str, fingerprint: str, n_folds: int, cache_uri: str, frames: Output[Dataset]):
+def input_stage(dataset: str, data_uri: str, fingerprint: str, n_folds: int, cache_uri: str, frames: Output[Dataset]):
     """Stage 1: every offered image -> one manifest row; ok rows -> 300x300 gray in 3 channels.
 
     `fingerprint` is unused here but keys KFP's cache: new data, new key.
     """
-    from ferpipe.preprocess.runner import DatasetOptions, ingest, summary
+    from ferpipe.console import for_task
+    from ferpipe.data.datasets import DatasetOptions
+    from ferpipe.preprocess.runner import ingest, stage_metadata, summary
 
+    for_task()
     manifest = ingest(dataset, data_uri, frames.path, options=DatasetOptions(n_folds=n_folds), cache=cache_uri or None)
-    frames.metadata.update(images=len(manifest), ok=int((manifest["status"] == "ok").sum()), fingerprint=fingerprint,
-                           cached=manifest.attrs["cache_hits"])
+    frames.metadata.update(stage_metadata(manifest), fingerprint=fingerprint)
     print(summary(manifest))

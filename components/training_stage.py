@@ -7,12 +7,14 @@ from components.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def train_member(fold_data: Input[Dataset], network: str, slot: str, profile: str, dataset: str, seed: int,
-                 cache_uri: str, model: Output[Model]):
-    """Member `slot` (eyebrows, eyes, nose, mouth or jaw) of `network`: transfer learning in three stages
+def training_stage(fold_data: Input[Dataset], network: str, slot: str, profile: str, dataset: str, seed: int,
+                   cache_uri: str, model: Output[Model]):
+    """Member `slot` (eyebrows, eyes, nose, mouth or jaw) of `network`: transfer learning in three phases
     (el, ftl) or direct training (baseline), early stopping on the validation subjects."""
+    from ferpipe.console import for_task
     from ferpipe.crossval.member_cache import train_or_restore
 
+    for_task()
     summary, cached = train_or_restore(fold_data.path, network, slot, profile, model.path, seed, dataset, cache_uri)
     model.metadata.update({k: v for k, v in summary.items() if k not in ("history", "classes")})
     model.metadata["cached"] = cached

@@ -1,77 +1,218 @@
-"""The `ferpipe` command with the pipeline verbs (run, compile, submit, schedule) added.
+"""The `ferpipe` command: one tree for every verb, the library's and the pipeline's.
 
-It lives here, not in ferpipe/, because these verbs need kfp and the DAG, and
-the library never imports them.
+It lives in pipelines/, the top of the import arrow (pipelines -> components ->
+ferpipe), because `run`, `compile`, `submit` and `schedule` need kfp and the
+DAG, which the library never imports. Every choice and default comes from the
+settings dataclasses and constants that the stages and the DAG use themselves,
+so a flag and the DAG parameter it feeds cannot disagree. One flag, one
+meaning: `--folds K` is always the number of folds; `--max-folds N` trains the
+first N; `--only-folds I ...` names folds to train.
+
+User mistakes end in one line on stderr and exit status 2; `--verbose` shows
+library logs and, for a real bug, the traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 
-from ferpipe import cli
+from ferpipe import console
+from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN
+from ferpipe.data.datasets import DATASETS, DatasetOptions
+from ferpipe.errors import UserError
+from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.preprocess.detection import FALLBACKS, DetectionSettings
+from ferpipe.preprocess.imaging import ClaheSettings
+from ferpipe.preprocess.landmarks import LANDMARK_SOURCES, LandmarkSettings
+
+log = logging.getLogger("ferpipe.cli")
+
+CLAHE, DETECTION, LANDMARKS, DATASET_OPTIONS = ClaheSettings(), DetectionSettings(), LandmarkSettings(), DatasetOptions()
 
 
-def _run(args) -> None:
-    from pipelines.local_run import run_locally
+# --- option groups shared by several verbs ---------------------------------------------------------------------
 
-    run = run_locally(args.data, args.dataset, args.out, network=args.network, profile=args.profile, seed=args.seed,
-                      mlflow_uri=args.mlflow_uri, max_folds=args.max_folds, n_folds=args.folds)
-    print(f"\npipeline finished in {run.seconds / 60:.1f} min")
-    for task, (hit, total) in run.cache_summary().items():
-        if hit:
-            print(f"cache:       {task}: {hit} of {total} reused")
-    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/ensemble.png, gradcam/)")
-    print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
-    print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")
-    if run.mlflow_uri.startswith("sqlite:"):
-        print(f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {run.mlflow_uri}  then open http://127.0.0.1:5000")
+def _data_options(parser, remote: bool) -> None:
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="layout and protocol of the raw data")
+    parser.add_argument("--data", required=True,
+                        help="the raw dataset: " + ("s3://bucket/prefix" if remote else "a folder or s3://bucket/prefix"))
 
 
-def _compile(args) -> None:
-    from pipelines.remote import compile_pipeline
+def _preprocess_options(parser) -> None:
+    group = parser.add_argument_group("preprocessing (stages 1-4)")
+    group.add_argument("--folds", type=int, default=DATASET_OPTIONS.n_folds,
+                       help="number of folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, "
+                            "SFEW train/val (default: %(default)s)")
+    group.add_argument("--clahe-clip", type=float, default=CLAHE.clip_limit, help="CLAHE clip limit (%(default)s)")
+    group.add_argument("--clahe-tiles", type=int, default=CLAHE.tile_grid, help="CLAHE tiles per side (%(default)s)")
+    group.add_argument("--confidence", type=float, default=DETECTION.confidence,
+                       help="SSD confidence a face must reach (%(default)s)")
+    group.add_argument("--on-no-face", default=DETECTION.on_no_face, choices=FALLBACKS,
+                       help="skip: record no_face; dlib_hog: try dlib's HOG detector (%(default)s)")
+    group.add_argument("--landmarks", default=LANDMARKS.source, choices=LANDMARK_SOURCES,
+                       help="dlib, or dataset: CK+'s own landmark files (%(default)s)")
 
-    print(f"compiled: {compile_pipeline(args.out)} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
+
+def _training_options(parser, profile: str) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--network", default="el", choices=NETWORK_TYPES,
+                       help="el: one network per part (the paper's); ftl: five pre-trained on all 68 points; "
+                            "baseline: five randomly initialised (%(default)s)")
+    group.add_argument("--profile", default=profile, choices=tuple(PROFILES),
+                       help="smoke (seconds), demo (minutes on a CPU), paper (the paper's epochs; GPUs) (%(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="the same seed repeats a run (%(default)s)")
 
 
-def _arguments(args) -> dict:
-    values = {"data_uri": args.data, "dataset": args.dataset, "network": args.network, "profile": args.profile,
-              "seed": args.seed, "max_folds": args.max_folds}
+def _pipeline_options(parser, local: bool) -> None:
+    _data_options(parser, remote=False)
+    _preprocess_options(parser)
+    _training_options(parser, "demo" if local else "paper")
+    group = parser.add_argument_group("pipeline")
+    group.add_argument("--max-folds", type=int, default=0, help="train only the first N folds (0 = all)")
+    group.add_argument("--mlflow-uri", default=None,
+                       help="MLflow tracking URI (default: " + ("OUT/mlflow.db" if local else "the pipeline's") + ")")
+
+
+def pipeline_arguments(args) -> dict:
+    """The DAG's parameters from the flags of run, submit and schedule: the one mapping between the two."""
+    values = {
+        "data_uri": args.data, "dataset": args.dataset, "network": args.network, "profile": args.profile,
+        "seed": args.seed, "n_folds": args.folds, "max_folds": args.max_folds,
+        "clahe_clip_limit": args.clahe_clip, "clahe_tile_grid": args.clahe_tiles,
+        "detection_confidence": args.confidence, "on_no_face": args.on_no_face, "landmark_source": args.landmarks,
+    }
     if args.mlflow_uri is not None:
         values["mlflow_uri"] = args.mlflow_uri
     return values
 
 
+# --- the library's verbs ---------------------------------------------------------------------------------------
+
+def _preprocess(args) -> None:
+    from ferpipe.data.storage import open_store
+    from ferpipe.preprocess.chain import PreprocessSettings
+    from ferpipe.preprocess.preview import write_landmark_sheet
+    from ferpipe.preprocess.runner import preprocess, summary, timed
+
+    settings = PreprocessSettings(
+        clahe=ClaheSettings(args.clahe_clip, args.clahe_tiles),
+        detection=DetectionSettings(confidence=args.confidence, on_no_face=args.on_no_face),
+        landmarks=LandmarkSettings(source=args.landmarks),
+    )
+    options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds)
+    manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers,
+                              args.cache)
+    log.info(summary(manifest, seconds))
+    if (manifest["status"] == "ok").any():
+        sheet = write_landmark_sheet(manifest, open_store(args.out))
+        log.info(f"landmarks on faces: {args.out.rstrip('/')}/{sheet}")
+    log.info(f"manifest: {args.out.rstrip('/')}/manifest.parquet")
+
+
+def _train_eval(args) -> None:
+    from ferpipe.crossval.train_eval import cross_dataset_eval, train_eval
+
+    if args.test_manifest and args.only_folds is not None:
+        raise UserError("--only-folds and --test-manifest exclude each other: a cross-dataset run trains on all "
+                        "of --manifest")
+    try:
+        if args.test_manifest:
+            results = cross_dataset_eval(args.manifest, args.test_manifest, args.network, args.profile, args.out,
+                                         seed=args.seed, dataset=args.dataset)
+            accuracy = results["accuracy"]["ensemble"]
+        else:
+            results = train_eval(args.manifest, args.network, args.profile, args.out, seed=args.seed,
+                                 folds=args.only_folds, dataset=args.dataset)
+            accuracy = results["overall"]["accuracy"]["ensemble"]
+    except FileNotFoundError as err:
+        raise UserError(f"no manifest at {err.filename or err}") from None
+    log.info(f"results: {args.out.rstrip('/')}/results.json (ensemble accuracy {100 * accuracy:.2f}%)")
+
+
+def _complexity(args) -> None:
+    from ferpipe.model.complexity import complexity_report
+
+    log.info(complexity_report(args.classes))
+
+
+def _demo_data(args) -> None:
+    from ferpipe.demo.synthetic import make_demo_dataset
+
+    out = make_demo_dataset(args.out, subjects=args.subjects, per_expression=args.per_expression, seed=args.seed)
+    log.info(f"synthetic demo data (JAFFE layout): {out}")
+
+
+# --- the pipeline's verbs --------------------------------------------------------------------------------------
+
+def _run(args) -> None:
+    from pipelines.local_run import run_locally, show_outcome
+
+    show_outcome(run_locally(args.out, pipeline_arguments(args)))
+
+
+def _compile(args) -> None:
+    from pipelines.remote import compile_pipeline
+
+    log.info(f"compiled: {compile_pipeline(args.out)} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
+
+
 def _submit(args) -> None:
     from pipelines.remote import submit
 
-    print(f"run started: {submit(args.host, _arguments(args), run_name=args.run_name)}")
+    log.info(f"run started: {submit(args.host, pipeline_arguments(args), run_name=args.run_name)}")
 
 
 def _schedule(args) -> None:
     from pipelines.remote import schedule
 
-    print(f"recurring run created: {schedule(args.host, args.cron, _arguments(args), name=args.name)}")
+    log.info(f"recurring run created: {schedule(args.host, args.cron, pipeline_arguments(args), name=args.name)}")
 
 
-def _run_options(parser, local: bool) -> None:
-    parser.add_argument("--dataset", required=True, choices=("ckplus", "jaffe", "sfew", "folder"))
-    parser.add_argument("--data", required=True, help="the raw dataset: a folder" + ("" if local else " or s3:// URI"))
-    parser.add_argument("--network", default="el", choices=("el", "ftl", "baseline"))
-    parser.add_argument("--profile", default="demo" if local else "paper", choices=("smoke", "demo", "paper"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-folds", type=int, default=0, help="train only the first N folds (0 = all)")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="MLflow tracking URI (default: " + ("OUT/mlflow.db" if local else "the pipeline's") + ")")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferpipe", description="Facial expression recognition: the part-based "
+                                     "ensemble of Wadhawan & Gandhi, as a Kubeflow pipeline or on this machine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="library logs too, and tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    pre = commands.add_parser("preprocess", help="stages 1-4: input, CLAHE, face detection, landmarks; plus folds")
+    _data_options(pre, remote=False)
+    pre.add_argument("--out", required=True, help="output dataset directory: a folder or s3://bucket/prefix")
+    pre.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    pre.add_argument("--cache", default=None,
+                     help="folder or s3:// URI of per-image results: a rerun redoes only new or changed images")
+    pre.add_argument("--subject-pattern", default=DEFAULT_SUBJECT_PATTERN,
+                     help="folder layout: regex whose first group is the subject id in the file name")
+    pre.add_argument("--subjects-csv", default=None, help="folder layout: CSV with columns path,subject")
+    _preprocess_options(pre)
+    pre.set_defaults(handler=_preprocess)
 
-def build_parser():
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command")
+    train = commands.add_parser("train-eval", help="train and evaluate every fold in this process, outside Kubeflow")
+    train.add_argument("--manifest", required=True, help="a preprocessed dataset directory (or its manifest.parquet)")
+    train.add_argument("--out", required=True, help="run directory: results.json, tables, confusion matrices")
+    train.add_argument("--dataset", default=None, choices=DATASETS, help="picks the paper profile's epochs")
+    train.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="I",
+                       help="train and test only these folds (default: all)")
+    train.add_argument("--test-manifest", default=None,
+                       help="cross-dataset (the paper's Table III): train on all of --manifest, test on this dataset")
+    _training_options(train, "demo")
+    train.set_defaults(handler=_train_eval)
 
-    run = commands.add_parser("run", help="run the whole pipeline locally (KFP local runner)")
-    _run_options(run, local=True)
-    run.add_argument("--folds", type=int, default=10, help="k for k-fold datasets")
-    run.add_argument("--out", default="runs/latest", help="where artifacts, results and mlflow.db go")
+    complexity = commands.add_parser("complexity", help="parameters, FLOPs and storage, beside the paper's")
+    complexity.add_argument("--classes", type=int, default=7, choices=(7, 8))
+    complexity.set_defaults(handler=_complexity)
+
+    demo = commands.add_parser("demo-data", help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
+    demo.add_argument("--out", default="data/demo-synthetic")
+    demo.add_argument("--subjects", type=int, default=10)
+    demo.add_argument("--per-expression", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_demo_data)
+
+    run = commands.add_parser("run", help="run the whole pipeline on this machine (KFP's local runner)")
+    _pipeline_options(run, local=True)
+    run.add_argument("--out", default="runs/latest", help="where artifacts, results, logs and mlflow.db go")
     run.set_defaults(handler=_run)
 
     comp = commands.add_parser("compile", help="write the pipeline's IR YAML for the Kubeflow UI")
@@ -81,20 +222,32 @@ def build_parser():
     sub = commands.add_parser("submit", help="start a run on a Kubeflow Pipelines endpoint")
     sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sub.add_argument("--run-name", default=None)
-    _run_options(sub, local=False)
+    _pipeline_options(sub, local=False)
     sub.set_defaults(handler=_submit)
 
     sch = commands.add_parser("schedule", help="create a recurring run (reruns when new data arrives)")
-    sch.add_argument("--host", required=True)
+    sch.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sch.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (daily at 03:00)")
     sch.add_argument("--name", default="ferpipe-rerun")
-    _run_options(sch, local=False)
+    _pipeline_options(sch, local=False)
     sch.set_defaults(handler=_schedule)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, build_parser())
+    args = build_parser().parse_args(argv)
+    console.for_console(args.verbose)
+    try:
+        args.handler(args)
+    except UserError as err:
+        if args.verbose:
+            raise
+        print(f"ferpipe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ferpipe: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

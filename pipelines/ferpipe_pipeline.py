@@ -1,29 +1,60 @@
 """The ferpipe DAG: stages 1-4 once, then per fold augmentation, five trainings, prediction; then aggregation.
 
     fingerprint -> input -> CLAHE -> detection -> landmarks -> fold plan
-      for each fold:            augment -> for each part: train (GPU) -> predict (collects the five)
-    aggregate (collects every fold) -> MLflow, Table I, confusion matrix, report
+      for each fold:  augmentation -> train eyebrows, eyes, nose, mouth, jaw (GPU) -> prediction
+    aggregation (after every fold) -> MLflow, Table I, confusion matrix, report
 
-Local-runner traps (DESIGN.md section 6) shape it: the inner loop receives its
-fold through the augmentation *artifact*, never the outer loop's item (which
-the local runner would replace with the inner item).
+Built for the KFP backends teams run, from Kubeflow 1.10's KFP 2.5 on
+(`MIN_BACKEND`; tests/test_backend_compat.py checks the compiled IR against
+the table of constructs and the release that first runs each):
+
+- The five part trainings are unrolled at compile time: five named tasks per
+  fold ("train eyebrows", ...), and prediction takes the five models as five
+  inputs. A collected list out of a loop (`dsl.Collected`) runs only on 2.14
+  and later (kubeflow/pipelines PR #11725).
+- The aggregation depends on the whole fold loop (`.after(...)` compiles to
+  `dependentTasks: [for-loop-N]`, run correctly from 2.4.1, PR #11627) and
+  reads each fold's result from `<work_uri>/<KFP run id>/folds/`, where the
+  prediction tasks leave them. Prediction is never answered from KFP's cache,
+  so every run writes its own folds there; the members it reads still are.
+- The fold loop has no custom `name=`: on 2.14-2.15 a named loop breaks
+  fan-in (issue #11964, fixed by #12808 in 2.16).
+- Lineage stays where it can: every stage's output is an artifact the next
+  task takes as input, the five models included.
+
+Local-runner traps (DESIGN.md section 6) shape it too: the fold loop's body gets
+its fold through the loop item and the augmentation *artifact*, never an
+upstream parameter output (which the local runner would replace by the item).
 """
 
 from kfp import dsl, kubernetes
 
-from components.aggregation_stage import aggregate_results
-from components.augmentation_stage import augment_fold
-from components.clahe_stage import enhance_contrast
-from components.detection_stage import detect_faces
-from components.fold_plan import plan_folds
+from components.aggregation_stage import aggregation
+from components.augmentation_stage import augmentation_stage
+from components.clahe_stage import clahe_stage
+from components.detection_stage import detection_stage
+from components.fold_plan import fold_plan
 from components.images import GPU_NODE_LABEL, GPU_RESOURCE, GPU_TOLERATION, STORAGE_SECRET, STORAGE_SECRET_KEYS
-from components.input_stage import fingerprint_data, read_input
-from components.landmark_stage import annotate_landmarks
-from components.prediction_stage import predict_fold
-from components.training_stage import train_member
+from components.input_stage import input_fingerprint, input_stage
+from components.landmark_stage import landmark_stage
+from components.prediction_stage import prediction_stage
+from components.training_stage import training_stage
+from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.preprocess.detection import DetectionSettings
+from ferpipe.preprocess.imaging import ClaheSettings
+from ferpipe.preprocess.landmarks import LandmarkSettings
 
 PIPELINE_NAME = "ferpipe"
+MIN_BACKEND = "2.5.0"  # the oldest KFP backend this DAG runs on; README and `ferpipe submit` say the same
+
+CLAHE, DETECTION, LANDMARKS = ClaheSettings(), DetectionSettings(), LandmarkSettings()
+
+# Training survives a lost GPU node: retried with backoff (its checkpoints resume, see training_stage).
+# KFP 2.5 retries only top-level tasks and ignores this inside a loop; 2.14 and later honour it everywhere.
+TRAINING_RETRIES = dict(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s")
+# Stages that only read inputs and rewrite their own output are safe to run again.
+STAGE_RETRIES = dict(num_retries=2, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="300s")
 
 
 def with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -38,20 +69,21 @@ def on_gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:
     task.set_cpu_request("4").set_memory_request("16G").set_memory_limit("32G")
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
     kubernetes.add_toleration(task, **GPU_TOLERATION)
-    return task
+    return task.set_retry(**TRAINING_RETRIES)
 
 
-def on_cpu_node(task: dsl.PipelineTask, cpu: str = "2", memory: str = "4G") -> dsl.PipelineTask:
+def on_cpu_node(task: dsl.PipelineTask, cpu: str = "2", memory: str = "4G", retry: bool = True) -> dsl.PipelineTask:
     with_storage_secret(task)  # data, cache and MLflow artifacts live in the object store
-    return task.set_cpu_request(cpu).set_memory_request(memory)
+    task.set_cpu_request(cpu).set_memory_request(memory)
+    return task.set_retry(**STAGE_RETRIES) if retry else task
 
 
-def build_pipeline(fold_parallelism: int = 0, part_parallelism: int = 0):
-    """The pipeline function; parallelism 0 = unlimited (the cluster), 1 = one at a time.
+def build_pipeline(fold_parallelism: int = 0):
+    """The pipeline function; `fold_parallelism` folds train at once (0 = all, the cluster's default).
 
-    Local runs on a laptop limit both: five TensorFlow processes at once on two
-    cores would only fight over them. The loops' limits are compiled into the
-    YAML, hence a factory rather than pipeline parameters.
+    A local run on a laptop takes two folds at a time, so one training task
+    imports TensorFlow while another trains. The limit is compiled into the
+    YAML (`iteratorPolicy`), hence a factory rather than a pipeline parameter.
     """
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Part-based ensemble transfer learning for facial expression "
@@ -62,16 +94,17 @@ def build_pipeline(fold_parallelism: int = 0, part_parallelism: int = 0):
         network: str = "el",
         profile: str = "paper",
         seed: int = 0,
-        n_folds: int = 10,
+        n_folds: int = DatasetOptions().n_folds,
         max_folds: int = 0,
         mlflow_uri: str = "http://mlflow.ferpipe.svc.cluster.local:5000",
         experiment: str = "ferpipe",
-        clahe_clip_limit: float = 2.0,
-        clahe_tile_grid: int = 8,
-        detection_confidence: float = 0.5,
-        on_no_face: str = "skip",
-        landmark_source: str = "dlib",
+        clahe_clip_limit: float = CLAHE.clip_limit,
+        clahe_tile_grid: int = CLAHE.tile_grid,
+        detection_confidence: float = DETECTION.confidence,
+        on_no_face: str = DETECTION.on_no_face,
+        landmark_source: str = LANDMARKS.source,
         cache_uri: str = "s3://ferpipe/cache",
+        work_uri: str = "s3://ferpipe/work",
     ) -> str:
         """Train and evaluate a FER ensemble on one dataset, with the dataset's own protocol.
 
@@ -91,35 +124,40 @@ def build_pipeline(fold_parallelism: int = 0, part_parallelism: int = 0):
             on_no_face: skip (record no_face) or dlib_hog (try dlib's HOG detector).
             landmark_source: dlib, or dataset (CK+'s own landmark files).
             cache_uri: Per-image preprocessing results and trained members, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
+            work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: each fold's result for the aggregation.
         """
-        fingerprint = on_cpu_node(fingerprint_data(data_uri=data_uri))
+        fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
-        frames = on_cpu_node(read_input(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
-                                        n_folds=n_folds, cache_uri=cache_uri))
-        enhanced = on_cpu_node(enhance_contrast(frames=frames.outputs["frames"], clip_limit=clahe_clip_limit,
-                                                tile_grid=clahe_tile_grid, cache_uri=cache_uri))
-        faces = on_cpu_node(detect_faces(enhanced=enhanced.outputs["enhanced"], confidence=detection_confidence,
-                                         on_no_face=on_no_face, cache_uri=cache_uri))
-        annotated = on_cpu_node(annotate_landmarks(faces=faces.outputs["faces"], source=landmark_source,
-                                                   cache_uri=cache_uri))
-        plan = on_cpu_node(plan_folds(annotated=annotated.outputs["annotated"], max_folds=max_folds))
+        frames = on_cpu_node(input_stage(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
+                                         n_folds=n_folds, cache_uri=cache_uri))
+        enhanced = on_cpu_node(clahe_stage(frames=frames.outputs["frames"], clip_limit=clahe_clip_limit,
+                                           tile_grid=clahe_tile_grid, cache_uri=cache_uri))
+        faces = on_cpu_node(detection_stage(enhanced=enhanced.outputs["enhanced"], confidence=detection_confidence,
+                                            on_no_face=on_no_face, cache_uri=cache_uri))
+        annotated = on_cpu_node(landmark_stage(faces=faces.outputs["faces"], source=landmark_source,
+                                               cache_uri=cache_uri))
+        plan = on_cpu_node(fold_plan(annotated=annotated.outputs["annotated"], max_folds=max_folds))
 
-        with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism, name="fold") as fold:
-            augmented = on_cpu_node(augment_fold(annotated=annotated.outputs["annotated"], fold=fold, profile=profile,
-                                                 dataset=dataset, seed=seed))
-            with dsl.ParallelFor(list(ENSEMBLE_PARTS), parallelism=part_parallelism, name="part") as slot:
-                trained = on_gpu_node(train_member(fold_data=augmented.outputs["fold_data"], network=network,
-                                                   slot=slot, profile=profile, dataset=dataset, seed=seed,
-                                                   cache_uri=cache_uri))
-            predicted = on_cpu_node(predict_fold(fold_data=augmented.outputs["fold_data"],
-                                                 models=dsl.Collected(trained.outputs["model"]), network=network,
-                                                 profile=profile, dataset=dataset, seed=seed))
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism) as fold:
+            augmented = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=fold,
+                                                       profile=profile, dataset=dataset, seed=seed))
+            models = {}
+            for part in ENSEMBLE_PARTS:
+                trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
+                                                     slot=part, profile=profile, dataset=dataset, seed=seed,
+                                                     cache_uri=cache_uri))
+                trained.set_display_name(f"train {part}")
+                models[part] = trained.outputs["model"]
+            predicted = on_cpu_node(prediction_stage(fold_data=augmented.outputs["fold_data"], **models,
+                                                     network=network, profile=profile, dataset=dataset, seed=seed,
+                                                     work_uri=work_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+            predicted.set_caching_options(False)  # it must write this run's fold result under this run's id
 
-        aggregated = on_cpu_node(aggregate_results(
-            predictions=dsl.Collected(predicted.outputs["predictions"]), network=network, profile=profile,
-            dataset=dataset, data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
-        aggregated.set_caching_options(False)  # a rerun must still log to MLflow
+        aggregated = on_cpu_node(aggregation(
+            folds=plan.outputs["Output"], network=network, profile=profile, dataset=dataset, data_uri=data_uri,
+            seed=seed, mlflow_uri=mlflow_uri, experiment=experiment, work_uri=work_uri,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), retry=False).after(predicted)
+        aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
         return aggregated.outputs["Output"]
 
     return ferpipe_pipeline

@@ -2,22 +2,36 @@
 
 Each task runs as a subprocess of this Python (no container, no per-task pip
 install); artifacts land under OUT/artifacts, MLflow on OUT/mlflow.db unless
-another tracking URI is given. When the run ends the aggregate step's reports
+another tracking URI is given. When the run ends the aggregation step's reports
 are copied to OUT/results, where a person looks first.
+
+What the local runner and the tasks print (executor inputs, every task's log)
+goes to OUT/logs/run.log; the console shows one live line instead: tasks done
+of total, folds done, what is training now, and the time left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferpipe.console import progress_bar
+from ferpipe.data.datasets import DATASETS, open_source
+from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
-from ferpipe.preprocess.runner import DATASETS, open_source
+
+# Tasks outside the fold loop, and inside it per fold (augmentation, five trainings, prediction).
+TASKS_OUTSIDE_LOOP = 7
+TASKS_PER_FOLD = 2 + len(ENSEMBLE_PARTS)
+LOCAL_FOLD_PARALLELISM = 2
 
 
 @dataclass
@@ -28,23 +42,25 @@ class LocalRun:
     mlflow_uri: str
     mlflow_run_id: str
     seconds: float
+    log: Path
 
     def cache_summary(self) -> dict[str, tuple[int, int]]:
         """Per task kind, (answered by the cache, total): images for stages 1-4, members for training."""
         summary: dict[str, list[int]] = {}
         for path in sorted(self.run_dir.rglob("executor_output.json")) if self.run_dir else []:
+            kind = re.sub(r"-\d+$", "", path.parent.name)  # training-stage-3 is a training-stage
             for outputs in json.loads(path.read_text()).get("artifacts", {}).values():
                 for artifact in outputs["artifacts"]:
                     meta = artifact.get("metadata", {})
                     if "cached" not in meta:
                         continue
-                    counts = summary.setdefault(path.parent.name, [0, 0])
+                    counts = summary.setdefault(kind, [0, 0])
                     if isinstance(meta["cached"], bool):  # a trained member
                         counts[0] += meta["cached"]
                         counts[1] += 1
                     else:  # a stage over images
-                        counts[0] += meta["cached"]
-                        counts[1] += meta.get("images", meta.get("ok", 0))
+                        counts[0] += int(meta["cached"])
+                        counts[1] += int(meta.get("images", meta.get("ok", 0)))
         return {task: (hit, total) for task, (hit, total) in summary.items()}
 
 
@@ -58,14 +74,109 @@ def newest_output(root: Path, task: str, output: str) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def run_locally(data: str, dataset: str, out: str | Path, network: str = "el", profile: str = "demo",
-                seed: int = 0, mlflow_uri: str | None = None, max_folds: int = 0, n_folds: int = 10) -> LocalRun:
+class LiveView:
+    """Reads everything the run prints (through a pipe on fds 1 and 2), keeps it in the log, shows one line.
+
+    The local runner announces each task by its display name ("Executing task
+    'train nose'", "Task 'train nose' finished with status S"); that, and the
+    fold plan's output once it exists, is all the view needs. Where no terminal watches, a line per finished task.
+    """
+
+    STARTED = re.compile(r"Executing task '([^']+)'")
+    FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, root: Path, log: Path):
+        self.root, self.log = root, log
+        self.running: list[str] = []
+        self.done = self.folds_done = 0
+        self.failed: list[str] = []
+        self.total_folds: int | None = None
+
+    def __enter__(self) -> "LiveView":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = os.dup(1), os.dup(2)
+        self.console = os.fdopen(os.dup(self.saved[1]), "w", buffering=1)
+        read, write = os.pipe()
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        self.reader = threading.Thread(target=self._follow, args=(read,), daemon=True)
+        self.bar = progress_bar(total=self._total(), file=self.console, unit="task", bar_format=(
+            "{desc} {n_fmt}/{total_fmt} tasks [{elapsed}<{remaining}] {postfix}"), desc="ferpipe run")
+        self.started = time.perf_counter()
+        self.reader.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved[0], 1)  # the pipe's last writer goes: the reader sees its end
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.reader.join(timeout=30)
+        self.bar.close()
+        self.console.close()
+
+    def _total(self) -> int:
+        return TASKS_OUTSIDE_LOOP + TASKS_PER_FOLD * (self.total_folds if self.total_folds is not None else 1)
+
+    def _follow(self, fd: int) -> None:
+        with open(fd, "rb", buffering=0) as pipe, open(self.log, "ab") as log:
+            pending = b""
+            while chunk := pipe.read(65536):
+                log.write(chunk)
+                log.flush()
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._line(self.ANSI.sub("", line.decode("utf-8", "replace")))
+
+    def _line(self, line: str) -> None:
+        if match := self.STARTED.search(line):
+            self.running.append(match.group(1))
+        elif match := self.FINISHED.search(line):
+            task, status = match.groups()
+            if task in self.running:
+                self.running.remove(task)
+            self.done += 1
+            if status != "SUCCESS":
+                self.failed.append(task)
+            if task == "fold-plan":
+                self.total_folds = self._planned_folds()
+                self.bar.total = self._total()
+            if task == "prediction-stage":
+                self.folds_done += 1
+            self._show(task, status)
+
+    def _planned_folds(self) -> int | None:
+        plans = sorted(self.root.glob("*/fold-plan/executor_output.json"), key=lambda p: p.stat().st_mtime)
+        if not plans:
+            return None
+        return len(json.loads(plans[-1].read_text())["parameterValues"]["Output"])
+
+    def _show(self, task: str, status: str) -> None:
+        now = ", ".join(self.running) or "-"
+        folds = f"folds {self.folds_done}/{self.total_folds if self.total_folds is not None else '?'}"
+        self.bar.set_postfix_str(f"{folds} | now: {now}", refresh=False)
+        self.bar.update(1)
+        if self.bar.disable:  # no terminal: one plain line per finished task
+            minutes = (time.perf_counter() - self.started) / 60
+            print(f"[{self.done}/{self._total()}] {minutes:5.1f} min  {task}: {status.lower()}"
+                  f"  ({folds})", file=self.console, flush=True)
+
+
+def run_locally(out: str | Path, arguments: dict) -> LocalRun:
+    """Run the DAG with `arguments` (its parameters: data_uri, dataset, network, profile, ...) under OUT."""
+    dataset, network, profile = arguments["dataset"], arguments.get("network", "el"), arguments.get("profile", "demo")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if network not in NETWORK_TYPES:
         raise UserError(f"unknown network {network!r}; choose one of {', '.join(NETWORK_TYPES)}")
     if profile not in PROFILES:
         raise UserError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    data = arguments["data_uri"]
     open_source(data)  # a missing folder is a one-line error here, not a failed task later
     from kfp import local
 
@@ -74,26 +185,48 @@ def run_locally(data: str, dataset: str, out: str | Path, network: str = "el", p
     out = Path(out).absolute()
     root = out / "artifacts"
     root.mkdir(parents=True, exist_ok=True)
-    mlflow_uri = mlflow_uri if mlflow_uri is not None else default_mlflow_uri(out)
-    data_uri = data if data.startswith("s3://") else str(Path(data).absolute())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    log = out / "logs" / "run.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    arguments = {**arguments, "data_uri": data if data.startswith("s3://") else str(Path(data).absolute())}
+    arguments.setdefault("mlflow_uri", default_mlflow_uri(out))
+    arguments.setdefault("cache_uri", str(out / "cache"))
+    arguments.setdefault("work_uri", str(out / "work"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    ferpipe_pipeline = build_pipeline(fold_parallelism=LOCAL_FOLD_PARALLELISM)
     # Tasks write relative paths (MLflow's default artifact root) under OUT, not wherever this was started.
     cwd = os.getcwd()
     os.chdir(out)
-    # Folds one after another; two part trainings at once, so one can import TensorFlow while the other trains.
-    ferpipe_pipeline = build_pipeline(fold_parallelism=1, part_parallelism=2)
     started = time.perf_counter()
     try:
-        task = ferpipe_pipeline(data_uri=data_uri, dataset=dataset, network=network, profile=profile, seed=seed,
-                                n_folds=n_folds, max_folds=max_folds, mlflow_uri=mlflow_uri,
-                                cache_uri=str(out / "cache"))
+        with LiveView(root, log) as view:
+            task = ferpipe_pipeline(**arguments)
     finally:
         os.chdir(cwd)
     seconds = time.perf_counter() - started
-    reports = newest_output(root, "aggregate-results", "reports")
+    if view.failed:
+        raise UserError(f"task {view.failed[0]} failed; its log is in {log}")
+    reports = newest_output(root, "aggregation", "reports")
     run_dir = reports.parents[1] if reports is not None else None
     results = out / "results"
     if reports is not None:
         shutil.rmtree(results, ignore_errors=True)
         shutil.copytree(reports, results)
-    return LocalRun(out, run_dir, results, mlflow_uri, task.output, seconds)
+    return LocalRun(out, run_dir, results, arguments["mlflow_uri"], task.output, seconds, log)
+
+
+def show_outcome(run: LocalRun) -> None:
+    """The results table and where everything is, as the last thing a person sees."""
+    table = run.results / "table.md"
+    print(f"\npipeline finished in {run.seconds / 60:.1f} min\n")
+    if table.is_file():
+        print(table.read_text().rstrip() + "\n")
+    for task, (hit, total) in run.cache_summary().items():
+        if hit:
+            print(f"cache:       {task}: {hit} of {total} reused")
+    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/ensemble.png, gradcam/)")
+    print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
+    print(f"log:         {run.log}  (every task's full output)")
+    print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")
+    if run.mlflow_uri.startswith("sqlite:"):
+        print(f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {run.mlflow_uri}  then open http://127.0.0.1:5000")

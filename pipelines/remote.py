@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 from ferpipe.errors import UserError
+from pipelines.backend import check_server
 
 COMPILED = Path(__file__).with_name("ferpipe.yaml")
 
@@ -16,7 +18,18 @@ def compile_pipeline(out: str | Path = COMPILED) -> Path:
     from pipelines.ferpipe_pipeline import ferpipe_pipeline
 
     compiler.Compiler().compile(ferpipe_pipeline, str(out))
-    return Path(out)
+    out = Path(out)
+    out.write_text(_without_secret_optional(out.read_text()))
+    return out
+
+
+def _without_secret_optional(text: str) -> str:
+    """Drop `optional: false` from secretAsEnv entries (false is what an absent field means).
+
+    kfp-kubernetes 2.15+ always writes it; KFP 2.14's Argo compiler parses the
+    platform spec strictly and rejects the run (pipelines/backend.py).
+    """
+    return re.sub(r"(?m)^( +)optional: false\n(?=\1secretName: )", "", text)
 
 
 def _client(host: str):
@@ -29,6 +42,7 @@ def _client(host: str):
 
 def submit(host: str, arguments: dict, experiment: str = "ferpipe", run_name: str | None = None) -> str:
     """Start one run; returns its id."""
+    check_server(host)
     with tempfile.TemporaryDirectory(prefix="ferpipe-") as scratch:
         compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml")
         run = _client(host).create_run_from_pipeline_package(
@@ -40,6 +54,7 @@ def schedule(host: str, cron: str, arguments: dict, experiment: str = "ferpipe",
     """A recurring run: at most one at a time, no catch-up of missed slots (new data is seen next time)."""
     if len(cron.split()) not in (5, 6):
         raise UserError(f"--cron {cron!r} is not a cron expression (5 or 6 fields, e.g. '0 0 3 * * *')")
+    check_server(host)
     client = _client(host)
     experiment_id = client.create_experiment(experiment).experiment_id
     with tempfile.TemporaryDirectory(prefix="ferpipe-") as scratch:

@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Markdown, Metrics, Model
 
-from components.aggregation_stage import aggregate_results
-from components.augmentation_stage import augment_fold
-from components.clahe_stage import enhance_contrast
-from components.detection_stage import detect_faces
-from components.fold_plan import plan_folds
-from components.input_stage import fingerprint_data, read_input
-from components.landmark_stage import annotate_landmarks
-from components.prediction_stage import predict_fold
-from components.training_stage import train_member
+from components.aggregation_stage import aggregation
+from components.augmentation_stage import augmentation_stage
+from components.clahe_stage import clahe_stage
+from components.detection_stage import detection_stage
+from components.fold_plan import fold_plan
+from components.input_stage import input_fingerprint, input_stage
+from components.landmark_stage import landmark_stage
+from components.prediction_stage import prediction_stage
+from components.training_stage import training_stage
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.demo.synthetic import make_demo_dataset
@@ -44,17 +44,17 @@ def chain(demo, tmp_path_factory):
     out = {name: artifact(Dataset, root, name) for name in ("frames", "enhanced", "faces", "annotated", "fold")}
     out["preview"], out["plan"] = artifact(HTML, root, "preview"), artifact(Markdown, root, "plan")
     cache = str(root / "cache")
-    out["fingerprint"] = fingerprint_data.python_func(data_uri=str(demo))
-    read_input.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"], n_folds=10,
+    out["fingerprint"] = input_fingerprint.python_func(data_uri=str(demo))
+    input_stage.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"], n_folds=10,
                            cache_uri=cache, frames=out["frames"])
-    enhance_contrast.python_func(frames=out["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache,
+    clahe_stage.python_func(frames=out["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache,
                                  enhanced=out["enhanced"])
-    detect_faces.python_func(enhanced=out["enhanced"], confidence=0.5, on_no_face="skip", cache_uri=cache,
+    detection_stage.python_func(enhanced=out["enhanced"], confidence=0.5, on_no_face="skip", cache_uri=cache,
                              faces=out["faces"])
-    annotate_landmarks.python_func(faces=out["faces"], source="dlib", cache_uri=cache, annotated=out["annotated"],
+    landmark_stage.python_func(faces=out["faces"], source="dlib", cache_uri=cache, annotated=out["annotated"],
                                    preview=out["preview"])
-    out["folds"] = plan_folds.python_func(annotated=out["annotated"], max_folds=0, plan=out["plan"])
-    augment_fold.python_func(annotated=out["annotated"], fold=1, profile="smoke", dataset="jaffe", seed=0,
+    out["folds"] = fold_plan.python_func(annotated=out["annotated"], max_folds=0, plan=out["plan"])
+    augmentation_stage.python_func(annotated=out["annotated"], fold=1, profile="smoke", dataset="jaffe", seed=0,
                              fold_data=out["fold"])
     return out
 
@@ -64,10 +64,10 @@ def test_fingerprint_changes_with_the_data(demo, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(demo, copy)
-    before = fingerprint_data.python_func(data_uri=str(copy))
-    assert before == fingerprint_data.python_func(data_uri=str(demo))
+    before = input_fingerprint.python_func(data_uri=str(copy))
+    assert before == input_fingerprint.python_func(data_uri=str(demo))
     (copy / "ZA.HA1.4.tiff").write_bytes((copy / "ZA.AN1.1.tiff").read_bytes())
-    assert fingerprint_data.python_func(data_uri=str(copy)) != before
+    assert input_fingerprint.python_func(data_uri=str(copy)) != before
 
 
 def test_stage_components_pass_datasets_along(chain):
@@ -100,7 +100,7 @@ def trained(chain, tmp_path_factory):
     models = []
     for slot in ENSEMBLE_PARTS:
         model = artifact(Model, root, slot)
-        train_member.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke", dataset="jaffe",
+        training_stage.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke", dataset="jaffe",
                                  seed=0, cache_uri=str(root / "cache"), model=model)
         models.append(model)
     return models
@@ -117,7 +117,7 @@ def test_training_component_writes_a_model_and_its_history(trained):
 
 def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
     again = artifact(Model, tmp_path, "again")
-    train_member.python_func(fold_data=chain["fold"], network="el", slot="eyebrows", profile="smoke",
+    training_stage.python_func(fold_data=chain["fold"], network="el", slot="eyebrows", profile="smoke",
                              dataset="jaffe", seed=0, cache_uri=str(Path(trained[0].path).parent / "cache"),
                              model=again)
     assert again.metadata["cached"] is True
@@ -127,9 +127,10 @@ def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
 def test_prediction_and_aggregation_components(chain, trained, tmp_path):
     predictions = artifact(Dataset, tmp_path, "predictions")
     fold_metrics = artifact(Metrics, tmp_path, "fold_metrics")
-    predict_fold.python_func(fold_data=chain["fold"], models=list(reversed(trained)), network="el",
-                             profile="smoke", dataset="jaffe", seed=0, predictions=predictions,
-                             metrics=fold_metrics)
+    work = str(tmp_path / "work")
+    prediction_stage.python_func(fold_data=chain["fold"], **dict(zip(ENSEMBLE_PARTS, trained)), network="el",
+                                 profile="smoke", dataset="jaffe", seed=0, work_uri=work, kfp_run_id="run-123",
+                                 predictions=predictions, metrics=fold_metrics)
     rows = pd.read_csv(Path(predictions.path, "predictions.csv"))
     assert len(rows) == 7 and set(rows["subject"]) == {"ZB"}
     assert set(ENSEMBLE_PARTS) | {"ensemble"} <= set(rows.columns)
@@ -138,11 +139,11 @@ def test_prediction_and_aggregation_components(chain, trained, tmp_path):
 
     outputs = {kind.__name__: artifact(kind, tmp_path, kind.__name__)
                for kind in (Dataset, Metrics, ClassificationMetrics, Markdown)}
-    run_id = aggregate_results.python_func(
-        predictions=[predictions], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path),
-        seed=0, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="components", kfp_run_id="run-123",
-        reports=outputs["Dataset"], metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"],
-        report=outputs["Markdown"])
+    run_id = aggregation.python_func(
+        folds=[1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
+        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="components", work_uri=work,
+        kfp_run_id="run-123", reports=outputs["Dataset"], metrics=outputs["Metrics"],
+        confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"])
     assert len(run_id) == 32
     matrix = outputs["ClassificationMetrics"].metadata["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]][:2] == ["angry", "disgust"]
@@ -150,6 +151,16 @@ def test_prediction_and_aggregation_components(chain, trained, tmp_path):
     assert "| EL |" in Path(outputs["Markdown"].path).read_text()
     assert Path(outputs["Dataset"].path, "confusion", "ensemble.png").is_file()
     assert Path(outputs["Dataset"].path, "gradcam", "fold1.png").read_bytes() == Path(predictions.path, "gradcam.png").read_bytes()
+    with pytest.raises(ValueError, match=r"no result for folds \[0\]"):  # a fold that never reported is an error
+        aggregation.python_func(
+            folds=[0, 1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
+            mlflow_uri="", experiment="components", work_uri=work, kfp_run_id="run-123", reports=outputs["Dataset"],
+            metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"])
+    with pytest.raises(ValueError, match="no result"):  # another run's folds are not this run's
+        aggregation.python_func(
+            folds=[1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
+            mlflow_uri="", experiment="components", work_uri=work, kfp_run_id="run-456", reports=outputs["Dataset"],
+            metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"])
 
 
 def test_stage_components_run_under_the_local_runner(demo, tmp_path):
@@ -158,15 +169,15 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
 
     @dsl.pipeline
     def stages(data_uri: str, cache_uri: str) -> Model:
-        frames = read_input(dataset="jaffe", data_uri=data_uri, fingerprint="f", n_folds=10, cache_uri=cache_uri)
-        enhanced = enhance_contrast(frames=frames.outputs["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache_uri)
-        faces = detect_faces(enhanced=enhanced.outputs["enhanced"], confidence=0.5, on_no_face="skip",
+        frames = input_stage(dataset="jaffe", data_uri=data_uri, fingerprint="f", n_folds=10, cache_uri=cache_uri)
+        enhanced = clahe_stage(frames=frames.outputs["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache_uri)
+        faces = detection_stage(enhanced=enhanced.outputs["enhanced"], confidence=0.5, on_no_face="skip",
                              cache_uri=cache_uri)
-        annotated = annotate_landmarks(faces=faces.outputs["faces"], source="dlib", cache_uri=cache_uri)
-        plan_folds(annotated=annotated.outputs["annotated"], max_folds=2)
-        fold = augment_fold(annotated=annotated.outputs["annotated"], fold=0, profile="smoke", dataset="jaffe",
+        annotated = landmark_stage(faces=faces.outputs["faces"], source="dlib", cache_uri=cache_uri)
+        fold_plan(annotated=annotated.outputs["annotated"], max_folds=2)
+        fold = augmentation_stage(annotated=annotated.outputs["annotated"], fold=0, profile="smoke", dataset="jaffe",
                             seed=0)
-        return train_member(fold_data=fold.outputs["fold_data"], network="baseline", slot="jaw", profile="smoke",
+        return training_stage(fold_data=fold.outputs["fold_data"], network="baseline", slot="jaw", profile="smoke",
                             dataset="jaffe", seed=0, cache_uri="").outputs["model"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
@@ -175,5 +186,5 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
     assert Path(model.path, "model.weights.h5").is_file()
     summary = json.loads(Path(model.path, "member.json").read_text())
     assert summary["network"] == "baseline" and summary["fold"] == 0
-    annotated = next((tmp_path / "root").glob("*/annotate-landmarks/annotated"))
+    annotated = next((tmp_path / "root").glob("*/landmark-stage/annotated"))
     assert read_manifest(str(annotated))["status"].eq("ok").all()

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ferpipe.data.parts import ENSEMBLE_PARTS
 from pipelines.remote import COMPILED, compile_pipeline
 
-STAGES = ("read-input", "enhance-contrast", "detect-faces", "annotate-landmarks", "augment-fold", "train-member",
-          "predict-fold")
+STAGES = ("input-stage", "clahe-stage", "detection-stage", "landmark-stage", "augmentation-stage", "training-stage",
+          "prediction-stage")
 
 
 @pytest.fixture(scope="module")
@@ -29,39 +30,50 @@ def test_committed_yaml_is_current(compiled):
 def test_the_seven_stages_and_the_steps_around_them(spec):
     ir, _ = spec
     components = set(ir["components"])
-    for stage in (*STAGES, "fingerprint-data", "plan-folds", "aggregate-results"):
+    for stage in (*STAGES, "input-fingerprint", "fold-plan", "aggregation"):
         assert f"comp-{stage}" in components
 
 
-def test_a_fold_loop_holds_a_five_way_part_loop(spec):
+def test_a_fold_loop_holds_five_named_trainings_feeding_one_prediction(spec):
     ir, _ = spec
     loops = {k: v for k, v in ir["root"]["dag"]["tasks"].items() if "parameterIterator" in v}
     assert len(loops) == 1
     (fold_loop,) = loops.values()
-    assert fold_loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-folds-Output")
+    assert fold_loop["parameterIterator"]["items"]["inputParameter"].endswith("fold-plan-Output")
     body = ir["components"][fold_loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert {"augment-fold", "predict-fold"} <= set(body)
-    inner = [v for v in body.values() if "parameterIterator" in v]
-    assert len(inner) == 1
-    raw = yaml.safe_load(inner[0]["parameterIterator"]["items"]["raw"])
-    assert raw == ["eyebrows", "eyes", "nose", "mouth", "jaw"]
-    part_tasks = ir["components"][inner[0]["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(part_tasks) == ["train-member"]
+    assert not [v for v in body.values() if "parameterIterator" in v]  # the parts are unrolled, not a loop
+    trainings = {key: task["taskInfo"]["name"] for key, task in body.items() if key.startswith("training-stage")}
+    assert sorted(trainings.values()) == sorted(f"train {part}" for part in ENSEMBLE_PARTS)
+    predict = body["prediction-stage"]
+    models = predict["inputs"]["artifacts"]
+    assert set(models) == {"fold_data", *ENSEMBLE_PARTS}
+    for part in ENSEMBLE_PARTS:  # each named input is the model of that part's training task
+        producer = models[part]["taskOutputArtifact"]["producerTask"]
+        assert trainings[producer] == f"train {part}"
+    assert set(trainings) <= set(predict["dependentTasks"])
+
+
+def test_aggregation_waits_for_the_whole_fold_loop(spec):
+    ir, _ = spec
+    tasks = ir["root"]["dag"]["tasks"]
+    (loop,) = [k for k, v in tasks.items() if "parameterIterator" in v]
+    assert loop in tasks["aggregation"]["dependentTasks"]
+    assert "artifacts" not in tasks["aggregation"].get("inputs", {})  # it lists the run's folds in work_uri
 
 
 def test_gpu_only_for_training(spec):
     ir, platform = spec
     for name, executor in ir["deploymentSpec"]["executors"].items():
         resources = executor["container"].get("resources", {})
-        is_training = name == "exec-train-member"
+        is_training = name.startswith("exec-training-stage")
         assert ("accelerator" in resources) == is_training, name
         assert ("nodeSelector" in platform.get(name, {})) == is_training, name
         assert ("tolerations" in platform.get(name, {})) == is_training, name
         image = executor["container"]["image"]
         assert image.endswith("ferpipe-gpu:0.1.0" if is_training else "ferpipe-cpu:0.1.0"), name
-    train = ir["deploymentSpec"]["executors"]["exec-train-member"]["container"]["resources"]
+    train = ir["deploymentSpec"]["executors"]["exec-training-stage"]["container"]["resources"]
     assert train["accelerator"]["resourceType"] == "nvidia.com/gpu" and train["accelerator"]["resourceCount"] == "1"
-    assert platform["exec-train-member"]["tolerations"] == [
+    assert platform["exec-training-stage"]["tolerations"] == [
         {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 
 
@@ -86,10 +98,24 @@ def test_every_parameter_is_described_for_the_ui(spec):
         assert len(parameter.get("description", "")) > 10, name
 
 
-def test_fingerprint_and_aggregation_are_never_cached(spec):
+def test_fingerprint_prediction_and_aggregation_are_never_cached(spec):
     ir, _ = spec
     tasks = ir["root"]["dag"]["tasks"]
-    assert tasks["fingerprint-data"]["cachingOptions"] == {}
-    assert tasks["aggregate-results"]["cachingOptions"] == {}
-    assert tasks["read-input"]["cachingOptions"]["enableCache"] is True
-    assert "fingerprint" in tasks["read-input"]["inputs"]["parameters"]
+    assert tasks["input-fingerprint"]["cachingOptions"] == {}
+    assert tasks["aggregation"]["cachingOptions"] == {}
+    assert tasks["input-stage"]["cachingOptions"]["enableCache"] is True
+    assert "fingerprint" in tasks["input-stage"]["inputs"]["parameters"]
+    body = next(ir["components"][v["componentRef"]["name"]]["dag"]["tasks"]
+                for v in tasks.values() if "parameterIterator" in v)
+    assert body["prediction-stage"]["cachingOptions"] == {}  # each run writes its folds under its own id
+
+
+def test_training_is_retried_with_backoff_and_aggregation_is_not(spec):
+    ir, _ = spec
+    tasks = ir["root"]["dag"]["tasks"]
+    body = next(ir["components"][v["componentRef"]["name"]]["dag"]["tasks"]
+                for v in tasks.values() if "parameterIterator" in v)
+    retry = body["training-stage"]["retryPolicy"]
+    assert retry["maxRetryCount"] >= 2 and retry["backoffFactor"] >= 2 and retry["backoffDuration"].endswith("s")
+    assert "retryPolicy" in tasks["input-stage"]
+    assert "retryPolicy" not in tasks["aggregation"]  # it logs to MLflow once

@@ -2,7 +2,6 @@
 
 import json
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -20,8 +19,8 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(demo, tmp_path_factory):
-    return run_locally(str(demo), "jaffe", tmp_path_factory.mktemp("run"), network="el", profile="smoke",
-                       max_folds=2)
+    return run_locally(tmp_path_factory.mktemp("run"), dict(
+        data_uri=str(demo), dataset="jaffe", network="el", profile="smoke", max_folds=2))
 
 
 def runs_of(uri: str):
@@ -63,18 +62,19 @@ def test_local_pipeline_writes_results_and_the_mlflow_tree(first_run):
 
 
 def test_rerun_on_unchanged_data_recomputes_nothing_the_caches_cover(first_run, demo):
-    again = run_locally(str(demo), "jaffe", first_run.out, network="el", profile="smoke", max_folds=2)
+    again = run_locally(first_run.out, dict(data_uri=str(demo), dataset="jaffe", network="el", profile="smoke",
+                                     max_folds=2))
     summary = again.cache_summary()
-    assert summary["read-input"] == (21, 21)
-    for stage in ("enhance-contrast", "detect-faces", "annotate-landmarks"):
+    assert summary["input-stage"] == (21, 21)
+    for stage in ("clahe-stage", "detection-stage", "landmark-stage"):
         assert summary[stage] == (21, 21), stage
-    assert summary["train-member"] == (10, 10)
+    assert summary["training-stage"] == (10, 10)
     first = json.loads((first_run.results / "results.json").read_text())
     assert json.loads((again.results / "results.json").read_text())["overall"] == first["overall"]
 
 
 def test_london_pipeline(london, tmp_path):
-    run = run_locally(str(london), "folder", tmp_path, network="el", profile="smoke", max_folds=1)
+    run = run_locally(tmp_path, dict(data_uri=str(london), dataset="folder", network="el", profile="smoke", max_folds=1))
     results = json.loads((run.results / "results.json").read_text())
     assert results["classes"] == ["happy", "neutral"] and results["overall"]["images"] == 22
     check_mlflow_tree(run.mlflow_uri, run.mlflow_run_id, folds=1, synthetic=False)

@@ -3,7 +3,6 @@
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,13 +11,13 @@ from conftest import encode, noise_image
 from PIL import Image
 from test_adapters import write
 
-from ferpipe.cli import main
 from ferpipe.data.manifest import COLUMNS, read_manifest
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess import runner as pp
 from ferpipe.preprocess.chain import PreprocessSettings
 from ferpipe.preprocess.detection import FaceDetector, crop_face
-from ferpipe.preprocess.landmarks import LandmarkPredictor, LandmarkSettings, flatten
+from ferpipe.preprocess.landmarks import LandmarkPredictor, LandmarkSettings
+from pipelines.cli import main
 
 
 def faces(face_gray, n):
@@ -160,7 +159,7 @@ def test_cli_user_mistakes_are_one_line_and_exit_2(args, message, tmp_path, caps
 
 
 def test_cli_rejects_an_unknown_dataset_without_a_traceback(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "ferpipe.cli", "preprocess", "--dataset", "affectnet",
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "preprocess", "--dataset", "affectnet",
                           "--data", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert run.returncode == 2 and "invalid choice" in run.stderr and "Traceback" not in run.stderr
 

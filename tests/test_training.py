@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from science_fixtures import write_dataset
 
-from ferpipe.cli import main
 from ferpipe.crossval.train_eval import cross_dataset_eval, load_fold, train_eval
 from ferpipe.data.parts import part_outputs, part_slice
 from ferpipe.model.augment import to_network_input
@@ -17,6 +16,7 @@ from ferpipe.model.ensemble import predict_members
 from ferpipe.model.networks import build_extractor, build_landmark_head
 from ferpipe.model.profiles import SMOKE, get_profile, on_materialised_copies
 from ferpipe.model.training import ensemble_members, member_by_slot, start_at_mean_shape, train_member
+from pipelines.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +154,9 @@ def test_the_cli_runs_cross_dataset_and_reports_mistakes_in_one_line(dataset, tm
     assert json.loads((out / "results.json").read_text())["images"] == 4
     assert "ensemble accuracy" in capsys.readouterr().out
 
-    assert main([*args, "--folds", "7"]) == 2
+    assert main([*args, "--only-folds", "7"]) == 2
     assert "folds [7] have no test rows" in capsys.readouterr().err
-    assert main([*args, "--folds", "0", "--test-manifest", str(other)]) == 2
+    assert main([*args, "--only-folds", "0", "--test-manifest", str(other)]) == 2
     assert main([*args, "--test-manifest", str(tmp_path / "nowhere")]) == 2
     assert "no manifest at" in capsys.readouterr().err
 

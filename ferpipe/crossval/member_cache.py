@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from ferpipe.crossval.fold_dataset import read_fold_info
@@ -17,6 +18,8 @@ from ferpipe.data.storage import open_store
 
 CACHE_VERSION = 1
 MEMBER_FILES = ("model.weights.h5", "member.json")
+
+log = logging.getLogger(__name__)
 
 
 def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, dataset: str | None) -> str:
@@ -39,7 +42,7 @@ def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_d
     if cache is not None and all(cache.exists(f"{key}/{name}") for name in MEMBER_FILES):
         for name in MEMBER_FILES:
             (out / name).write_bytes(cache.read_bytes(f"{key}/{name}"))
-        print(f"{network} {slot}: trained member restored from the cache ({key[:12]})")
+        log.info(f"{network} {slot}: trained member restored from the cache ({key[:12]})")
         return json.loads((out / "member.json").read_text()), True
     from ferpipe.crossval.steps import train_on_fold
 

@@ -7,16 +7,19 @@ stage 5 already materialised the copies it trains on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import keras
 
 from ferpipe.crossval.fold_dataset import load_fold_split, read_fold_info
 from ferpipe.crossval.train_eval import score_fold, write_reports
+from ferpipe.data.storage import Store, open_store
 from ferpipe.evaluate.gradcam import gradcam_figure
 from ferpipe.evaluate.scoring import combine_folds
 from ferpipe.model.profiles import Profile, get_profile, on_materialised_copies
@@ -25,8 +28,8 @@ from ferpipe.model.training import (
     Progress,
     ensemble_members,
     load_member,
+    log_progress,
     member_by_slot,
-    print_progress,
     train_member,
 )
 
@@ -41,7 +44,7 @@ def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies:
 
 
 def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                  dataset: str | None = None, progress: Progress = print_progress) -> dict:
+                  dataset: str | None = None, progress: Progress = log_progress) -> dict:
     """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json."""
     info = read_fold_info(fold_dir)
     chosen = pipeline_profile(profile, dataset, info["copies"])
@@ -94,6 +97,40 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
         (out / "members" / m.slot / MODEL_FILE).write_bytes((by_slot[m.slot][0] / MODEL_FILE).read_bytes())
     keras.backend.clear_session()
     return result
+
+
+def shared_folds(work_uri: str, kfp_run_id: str) -> Store:
+    """Where a run's prediction tasks leave their fold results for the aggregation step: one prefix per run."""
+    if not kfp_run_id:
+        raise ValueError("a KFP run id is needed to keep one run's fold results apart from another's")
+    return open_store(work_uri).child(f"{kfp_run_id}/folds")
+
+
+def share_fold_result(prediction_dir: str, work_uri: str, kfp_run_id: str, fold: int) -> None:
+    """Copy a prediction task's output under the run's prefix; `fold.json` last, so its presence means complete."""
+    source = open_store(prediction_dir)
+    target = shared_folds(work_uri, kfp_run_id).child(f"fold{fold}")
+    keys = source.list()
+    for key in sorted(keys, key=lambda k: k == FOLD_RESULT):
+        target.write_bytes(key, source.read_bytes(key))
+
+
+@contextlib.contextmanager
+def gather_fold_results(work_uri: str, kfp_run_id: str, folds: Sequence[int]) -> Iterator[list[str]]:
+    """Local folders holding each planned fold's result, as the prediction tasks shared them."""
+    shared = shared_folds(work_uri, kfp_run_id)
+    missing = [k for k in folds if not shared.exists(f"fold{k}/{FOLD_RESULT}")]
+    if missing:
+        raise ValueError(f"no result for folds {missing} under {shared.uri}: their prediction tasks did not finish")
+    with tempfile.TemporaryDirectory(prefix="ferpipe-folds-") as scratch:
+        directories = []
+        for k in folds:
+            store, local = shared.child(f"fold{k}"), Path(scratch) / f"fold{k}"
+            for key in store.list():
+                (local / key).parent.mkdir(parents=True, exist_ok=True)
+                (local / key).write_bytes(store.read_bytes(key))
+            directories.append(str(local))
+        yield directories
 
 
 def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, profile: str, seed: int = 0) -> dict:

@@ -32,7 +32,7 @@ def _epoch_metrics(history: list[dict]):
     metrics = []
     for step, row in enumerate(history, start=1):
         for key, value in _finite({k: v for k, v in row.items() if k not in HISTORY_KEYS_SKIPPED}).items():
-            metrics.append(Metric(f"{row.get("phase", "train")}/{key}", value, now, step))
+            metrics.append(Metric(f"{row.get('phase', 'train')}/{key}", value, now, step))
     return metrics
 
 

@@ -18,6 +18,7 @@ paper's Table III: train on one dataset, test on all of another.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ferpipe.console import progress_bar
 from ferpipe.data.folds import TRAIN_ONLY, fold_ids, split_fold
 from ferpipe.data.manifest import OK, read_manifest
 from ferpipe.data.parts import ENSEMBLE_PARTS
-from ferpipe.data.storage import Store, open_store
+from ferpipe.data.storage import Store, atomic_write, open_store
 from ferpipe.errors import UserError
 from ferpipe.evaluate.gradcam import gradcam_figure
 from ferpipe.evaluate.scoring import (
@@ -45,7 +48,9 @@ from ferpipe.evaluate.scoring import (
 from ferpipe.model.ensemble import ensemble_predictions, predict_members
 from ferpipe.model.examples import Examples, class_names, load_examples
 from ferpipe.model.profiles import Profile, get_profile
-from ferpipe.model.training import Progress, ensemble_members, print_progress, train_member
+from ferpipe.model.training import Progress, ensemble_members, log_progress, train_member
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,14 +127,32 @@ def write_reports(results: dict, out_dir) -> None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1))
+
+
+class _TrainingBar:
+    """A bar over a run's member trainings, its text the epoch training now (each epoch's line at DEBUG)."""
+
+    def __init__(self, total: int, also: Progress | None):
+        self.bar = progress_bar(total=total, unit="member", desc="training")
+        self.also = also
+
+    def epoch(self, line: str) -> None:
+        log.debug(line)
+        self.bar.set_postfix_str(line, refresh=True)
+        if self.also is not None:
+            self.also(line)
+
+    def member_done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def train_eval(
     manifest_uri, network: str, profile: str | Profile, out_dir, seed: int = 0, folds: Sequence[int] | None = None,
-    dataset: str | None = None, progress: Progress = print_progress,
+    dataset: str | None = None, progress: Progress | None = None,
 ) -> dict:
     """Train and evaluate `network` (baseline, ftl, el) over the folds of a dataset directory; see the module notes."""
     started = time.perf_counter()
@@ -144,7 +167,7 @@ def train_eval(
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     usable = manifest[manifest["status"] == OK]
-    progress(f"{network}: {len(usable)} images, classes {', '.join(classes)}, folds {chosen}, profile {profile.name}")
+    log.info(f"{network}: {len(usable)} images, classes {', '.join(classes)}, folds {chosen}, profile {profile.name}")
     examples = load_examples(store, usable, classes, profile.input_size)
     members = ensemble_members(network, seed)
     results = {
@@ -152,41 +175,46 @@ def train_eval(
         "classes": list(classes), "seed": seed, "folds": {}, "overall": None, "wall_seconds": None,
     }
     tasks, done = len(chosen) * len(members), 0
-    for fold in chosen:
-        fold_started = time.perf_counter()
-        data = split_examples(examples, manifest, fold, profile, seed)
-        models, seconds = [], {}
-        for member in members:
-            member_started = time.perf_counter()
-            trained = train_member(member, data.train, data.val, profile, out / "checkpoints" / f"fold{fold}" / member.slot, progress)
-            seconds[member.slot] = round(time.perf_counter() - member_started, 3)
-            models.append(trained.model)
-            done += 1
-            elapsed = time.perf_counter() - started
-            progress(f"[{done}/{tasks}] fold {fold} {member.name} trained in {seconds[member.slot]:.1f}s "
-                     f"(train {len(data.train)}, val {len(data.val)}); elapsed {elapsed:.0f}s, "
-                     f"eta {elapsed / done * (tasks - done):.0f}s")
-        result, rows = score_fold(models, data.test, [m.slot for m in members])
-        rows.to_csv(out / "predictions" / f"fold{fold}.csv", index=False)
-        gradcam_figure(models, [m.slot for m in members], data.test, out / "gradcam" / f"fold{fold}.png")
-        result.update(train_seconds=seconds, wall_seconds=round(time.perf_counter() - fold_started, 3),
-                      train_images=len(data.train), val_images=len(data.val))
-        results["folds"][str(fold)] = result
-        _write_json(out / "results.json", results)
-        shown = " ".join(f"{k} {100 * v:.1f}" for k, v in result["accuracy"].items())
-        progress(f"fold {fold}: {result['images']} test images, accuracy % {shown}")
-        del models
+    bar = _TrainingBar(tasks, progress)
+    with logging_redirect_tqdm():
+        for fold in chosen:
+            fold_started = time.perf_counter()
+            data = split_examples(examples, manifest, fold, profile, seed)
+            models, seconds = [], {}
+            for member in members:
+                member_started = time.perf_counter()
+                checkpoint = out / "checkpoints" / f"fold{fold}" / member.slot
+                trained = train_member(member, data.train, data.val, profile, checkpoint, bar.epoch)
+                seconds[member.slot] = round(time.perf_counter() - member_started, 3)
+                models.append(trained.model)
+                done += 1
+                bar.member_done()
+                elapsed = time.perf_counter() - started
+                log.info(f"[{done}/{tasks}] fold {fold} {member.name} trained in {seconds[member.slot]:.1f}s "
+                         f"(train {len(data.train)}, val {len(data.val)}); elapsed {elapsed:.0f}s, "
+                         f"eta {elapsed / done * (tasks - done):.0f}s")
+            result, rows = score_fold(models, data.test, [m.slot for m in members])
+            rows.to_csv(out / "predictions" / f"fold{fold}.csv", index=False)
+            gradcam_figure(models, [m.slot for m in members], data.test, out / "gradcam" / f"fold{fold}.png")
+            result.update(train_seconds=seconds, wall_seconds=round(time.perf_counter() - fold_started, 3),
+                          train_images=len(data.train), val_images=len(data.val))
+            results["folds"][str(fold)] = result
+            _write_json(out / "results.json", results)
+            shown = " ".join(f"{k} {100 * v:.1f}" for k, v in result["accuracy"].items())
+            log.info(f"fold {fold}: {result['images']} test images, accuracy % {shown}")
+            del models
+    bar.close()
     results["overall"] = combine_folds(list(results["folds"].values()))
     results["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_reports(results, out)
     shown = " ".join(f"{k} {100 * v:.2f}" for k, v in results["overall"]["accuracy"].items())
-    progress(f"{network} overall accuracy % {shown}; {results['wall_seconds']:.0f}s; results in {out}")
+    log.info(f"{network} overall accuracy % {shown}; {results['wall_seconds']:.0f}s; results in {out}")
     return results
 
 
 def cross_dataset_eval(
     train_uri, test_uri, network: str, profile: str | Profile, out_dir, seed: int = 0,
-    dataset: str | None = None, progress: Progress = print_progress,
+    dataset: str | None = None, progress: Progress = log_progress,
 ) -> dict:
     """Table III: train the five members on one dataset, score them on every usable image of another.
 
@@ -227,5 +255,5 @@ def cross_dataset_eval(
     save_confusion(np.array(result["confusion"][ENSEMBLE]), classes, out / "confusion" / ENSEMBLE,
                    f"{network} ensemble, cross-dataset: {100 * result['accuracy'][ENSEMBLE]:.2f}%")
     _write_json(out / "results.json", result)
-    progress(f"{network} cross-dataset accuracy % " + " ".join(f"{k} {100 * v:.2f}" for k, v in result["accuracy"].items()))
+    log.info(f"{network} cross-dataset accuracy % " + " ".join(f"{k} {100 * v:.2f}" for k, v in result["accuracy"].items()))
     return result

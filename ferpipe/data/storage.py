@@ -8,10 +8,12 @@ or pipeline specs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 from ferpipe.errors import UserError
@@ -19,6 +21,30 @@ from ferpipe.errors import UserError
 # Names the S3 endpoint may be given under, most specific first. MLflow's and
 # the AWS SDK's own names are accepted so one Kubernetes Secret serves all.
 ENDPOINT_VARIABLES = ("FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it when the block ends well: no reader sees half a file.
+
+    The temporary name ends with `path`'s own name, so writers that insist on a
+    suffix (Keras' `.weights.h5`, numpy's `.npz`) accept it. A failed block leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 class Store:
@@ -63,17 +89,7 @@ class LocalStore(Store):
         return self._path(key).read_bytes()
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        # Write to a temporary file and rename: a killed run never leaves half a file.
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), data)  # a killed run never leaves half a file
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()

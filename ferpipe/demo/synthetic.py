@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import sys
 import time
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ferpipe.console import progress_bar
 from ferpipe.data.parts import FLIP_PERMUTATION, N_POINTS
+
+log = logging.getLogger(__name__)
 
 # JAFFE's codes, in JAFFE's order; labels as in the manifest contract.
 EXPRESSION_CODES: dict[str, str] = {
@@ -569,7 +573,6 @@ def make_demo_dataset(
     as it is.
     """
     from PIL import Image
-    from tqdm import tqdm
 
     # One digit of repetition, as in JAFFE's names (KA.AN1.39.tiff).
     if not 1 <= per_expression <= 9 or size < 64:
@@ -585,7 +588,7 @@ def make_demo_dataset(
         except ValueError:
             previous = None
         if previous == params and all((out / name).is_file() for *_, name in plan):
-            print(f"demo data: {out} already holds the set, skipping", file=sys.stderr)
+            log.info(f"demo data: {out} already holds the set, skipping")
             return out
         # Ours but for other parameters: remove its images so no stale file
         # joins the new set. Only names of our pattern are touched.
@@ -598,7 +601,7 @@ def make_demo_dataset(
     start = time.perf_counter()
     subject_params = [_subject(seed, s) for s in range(subjects)]
     exp_index = {e: i for i, e in enumerate(EXPRESSION_CODES)}
-    for s, _code, e, rep, name in tqdm(plan, desc="demo data (synthetic)", unit="img", file=sys.stderr):
+    for s, _code, e, rep, name in progress_bar(plan, desc="demo data (synthetic)", unit="img"):
         rng = np.random.default_rng([seed, s, exp_index[e], rep])  # per image, independent of the set's size
         img = _render(EXPRESSION_CODES[e], subject_params[s], rng, size)
         Image.fromarray(img).save(out / name, format="TIFF")
@@ -609,7 +612,7 @@ def make_demo_dataset(
         codes=f"{codes[0]}..{codes[-1]}" if len(codes) > 1 else codes[0]))
     # Written last: its presence means the set is complete.
     params_file.write_text(json.dumps(params, indent=2) + "\n")
-    print(f"demo data: {len(plan)} synthetic images in {out} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    log.info(f"demo data: {len(plan)} synthetic images in {out} ({time.perf_counter() - start:.1f} s)")
     return out
 
 

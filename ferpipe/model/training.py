@@ -24,6 +24,7 @@ repeats, and a resumed run follows the path of one that never stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -36,6 +37,7 @@ import keras
 import numpy as np
 
 from ferpipe.data.parts import ENSEMBLE_PARTS, part_outputs, part_slice
+from ferpipe.data.storage import atomic_path, atomic_write
 from ferpipe.model.augment import BatchStream, to_network_input
 from ferpipe.model.examples import Examples
 from ferpipe.model.networks import (
@@ -54,7 +56,8 @@ PHASES = {"baseline": ("direct",), "ftl": ("landmarks", "head", "finetune"), "el
 STATE_FILE = "state.json"
 MODEL_FILE = "model.weights.h5"
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # receives a line per epoch (and on resuming)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,35 +101,20 @@ class TrainedMember:
     seconds: float = 0.0  # time spent in epochs (training + validation), summed over resumed runs
 
 
-def print_progress(line: str) -> None:
-    print(line, flush=True)
+def log_progress(line: str) -> None:
+    log.info(line)
 
 
 def adam(learning_rate: float) -> keras.optimizers.Adam:
     return keras.optimizers.Adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
 
 
-def _atomic_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
-def _atomic_weights(model: keras.Model, path: Path) -> None:
-    """The Keras weights file a finished member is handed on as."""
-    # Keras insists on the .weights.h5 suffix, so the temporary name keeps it.
-    tmp = path.with_name(f"tmp-{path.name}")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-
-
 def _save_snapshot(model: keras.Model, path: Path) -> None:
     """Weights and optimizer state as plain arrays: ~10 ms, where Keras' save_weights takes ~200."""
     arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
     arrays.update({f"o{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _load_snapshot(model: keras.Model, path: Path) -> None:
@@ -227,7 +215,7 @@ class _Run:
         return self.directory / name
 
     def save_state(self) -> None:
-        _atomic_json(self.path(STATE_FILE), self.state)
+        atomic_write(self.path(STATE_FILE), json.dumps(self.state, indent=1))
 
     def begin(self, phase: str) -> None:
         if self.state["phase"] != phase:
@@ -366,7 +354,7 @@ def train_member(
     val: Examples | None,
     profile: Profile,
     checkpoint_dir: str | os.PathLike | None = None,
-    progress: Progress = print_progress,
+    progress: Progress = log_progress,
 ) -> TrainedMember:
     """Train one ensemble member on one fold's data; resumes from `checkpoint_dir` when it holds a run.
 
@@ -416,7 +404,8 @@ def train_member(
 
     extractor_of(result).set_weights(extractor_weights)
     head_of(result).set_weights(head_weights)
-    _atomic_weights(result, run.path(MODEL_FILE))
+    with atomic_path(run.path(MODEL_FILE)) as tmp:  # the weights file a finished member is handed on as
+        result.save_weights(tmp)
     run.state["complete"] = True
     run.save_state()
     return TrainedMember(member, result, run.state["history"], run.state["seconds"])

@@ -13,34 +13,21 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import cv2
 import pandas as pd
-from tqdm import tqdm
 
+from ferpipe.console import progress_bar
 from ferpipe.data import folds
-from ferpipe.data.adapters import Inventory, Offer, image_id
-from ferpipe.data.adapters.ckplus import list_ckplus
-from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, read_subject_csv
-from ferpipe.data.adapters.jaffe import list_jaffe
-from ferpipe.data.adapters.sfew import list_sfew
+from ferpipe.data.adapters import Offer, image_id
+from ferpipe.data.datasets import DatasetOptions, inventory, open_source
 from ferpipe.data.manifest import OK, empty_row, read_manifest, status_counts, write_manifest
-from ferpipe.data.storage import LocalStore, Store, open_store
-from ferpipe.errors import UserError
+from ferpipe.data.storage import Store, open_store
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess.cache import ImageCache
 from ferpipe.preprocess.chain import STAGE_ORDER, PreprocessSettings, StageTools, run_stages
 
-DATASETS = ("ckplus", "jaffe", "sfew", "folder")
 IMAGES_DIR = "images"
-
-
-@dataclass(frozen=True)
-class DatasetOptions:
-    subject_pattern: str = DEFAULT_SUBJECT_PATTERN
-    subjects_csv: str | None = None
-    n_folds: int = 10
 
 
 def default_workers() -> int:
@@ -48,41 +35,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def open_source(data: str) -> Store:
-    store = open_store(data)
-    if isinstance(store, LocalStore) and not store.root.is_dir():
-        raise UserError(f"data folder not found: {data}")
-    return store
-
-
-def inventory(dataset: str, source: Store, options: DatasetOptions = DatasetOptions()) -> Inventory:
-    """The dataset's offers, or a UserError if the dataset is unknown or offers nothing."""
-    if dataset == "ckplus":
-        found = list_ckplus(source)
-    elif dataset == "jaffe":
-        found = list_jaffe(source)
-    elif dataset == "sfew":
-        found = list_sfew(source)
-    elif dataset == "folder":
-        subjects = None
-        if options.subjects_csv:
-            csv_path = options.subjects_csv
-            try:
-                text = open_store(os.path.dirname(csv_path) or ".").read_bytes(os.path.basename(csv_path)).decode()
-            except OSError:
-                raise UserError(f"subjects CSV not found: {csv_path}") from None
-            subjects = read_subject_csv(text)
-        found = list_folder(source, options.subject_pattern, subjects)
-    else:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if not found.offers:
-        raise UserError(f"no images found for dataset {dataset!r} under {source.uri}")
-    ids = [image_id(o.key) for o in found.offers]
-    if len(set(ids)) != len(ids):
-        raise UserError("two source paths map to one image id; rename the files that differ only in punctuation")
-    return found
 
 
 def offer_record(offer: Offer, source: Store) -> dict:
@@ -174,16 +126,16 @@ def run_records(records: list[dict], names: tuple[str, ...], settings: Preproces
     init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri,
             cache.uri if cache else None, names)
     jobs = [(r, names) for r in records]
-    bar = dict(total=len(jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None)
+    bar = dict(total=len(jobs), desc=desc, unit="img", mininterval=1.0)
     _init_worker(*init)
     if workers == 1:
-        results = [_process(j) for j in tqdm(jobs, **bar)]
+        results = [_process(j) for j in progress_bar(jobs, **bar)]
     else:
         context = _pool_context()
         if context.get_start_method() == "fork":
             _worker["tools"].load()  # once here, not once per worker
         with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-            results = list(tqdm(pool.imap(_process, jobs, chunksize=2), **bar))
+            results = list(progress_bar(pool.imap(_process, jobs, chunksize=2), **bar))
     return [row for row, _ in results], sum(hit for _, hit in results)
 
 
@@ -228,6 +180,12 @@ def preprocess(dataset: str, data: str, out: str, settings: PreprocessSettings =
                cache: str | None = None) -> pd.DataFrame:
     """Stages 1-4 fused per image, folds assigned: the `ferpipe preprocess` command."""
     return ingest(dataset, data, out, settings, options, names=STAGE_ORDER, workers=workers, cache=cache)
+
+
+def stage_metadata(manifest: pd.DataFrame) -> dict:
+    """What a stage task shows beside its output in the KFP UI: images, how many ok, each reject, cache hits."""
+    counts = status_counts(manifest)
+    return {"images": len(manifest), "cached": int(manifest.attrs.get("cache_hits", 0)), **counts}
 
 
 def summary(manifest: pd.DataFrame, seconds: float | None = None) -> str:

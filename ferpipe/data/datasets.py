@@ -1,0 +1,63 @@
+"""Which datasets ferpipe reads, and the offers each one's layout makes (stage 1's inventory).
+
+`DATASETS` names the layouts (ckplus, jaffe, sfew, folder: DESIGN.md section 4),
+`DatasetOptions` how a folder names its subjects and how many folds a k-fold
+protocol takes, and `inventory` asks the right adapter what the data offers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ferpipe.data.adapters import Inventory, image_id
+from ferpipe.data.adapters.ckplus import list_ckplus
+from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, read_subject_csv
+from ferpipe.data.adapters.jaffe import list_jaffe
+from ferpipe.data.adapters.sfew import list_sfew
+from ferpipe.data.storage import LocalStore, Store, open_store
+from ferpipe.errors import UserError
+
+DATASETS = ("ckplus", "jaffe", "sfew", "folder")
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    subject_pattern: str = DEFAULT_SUBJECT_PATTERN
+    subjects_csv: str | None = None
+    n_folds: int = 10
+
+
+def open_source(data: str) -> Store:
+    store = open_store(data)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise UserError(f"data folder not found: {data}")
+    return store
+
+
+def inventory(dataset: str, source: Store, options: DatasetOptions = DatasetOptions()) -> Inventory:
+    """The dataset's offers, or a UserError if the dataset is unknown or offers nothing."""
+    if dataset == "ckplus":
+        found = list_ckplus(source)
+    elif dataset == "jaffe":
+        found = list_jaffe(source)
+    elif dataset == "sfew":
+        found = list_sfew(source)
+    elif dataset == "folder":
+        subjects = None
+        if options.subjects_csv:
+            csv_path = options.subjects_csv
+            try:
+                text = open_store(os.path.dirname(csv_path) or ".").read_bytes(os.path.basename(csv_path)).decode()
+            except OSError:
+                raise UserError(f"subjects CSV not found: {csv_path}") from None
+            subjects = read_subject_csv(text)
+        found = list_folder(source, options.subject_pattern, subjects)
+    else:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not found.offers:
+        raise UserError(f"no images found for dataset {dataset!r} under {source.uri}")
+    ids = [image_id(o.key) for o in found.offers]
+    if len(set(ids)) != len(ids):
+        raise UserError("two source paths map to one image id; rename the files that differ only in punctuation")
+    return found
