@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ferpipe-installed
 
-.PHONY: setup test run compile bench clean
+.PHONY: setup test run compile images push bench clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,18 @@ run: setup
 	$(BIN)/ferpipe demo-data --out data/demo-synthetic --subjects 6
 	$(BIN)/ferpipe run --dataset jaffe --data data/demo-synthetic --network el --profile demo --out runs/demo
 
+# The committed files derived from the code: the compiled DAG, the image tags that name it, README's picture.
 compile: setup
-	$(BIN)/ferpipe compile --out pipelines/ferpipe.yaml
+	$(BIN)/python -m pipelines.refresh
+
+# Tags carry the code's identity (components/images.py); needs a Docker engine.
+images: setup
+	docker build -f docker/cpu.Dockerfile -t $$($(BIN)/python -m components.images cpu) .
+	docker build -f docker/gpu.Dockerfile -t $$($(BIN)/python -m components.images gpu) .
+
+push: images
+	docker push $$($(BIN)/python -m components.images cpu)
+	docker push $$($(BIN)/python -m components.images gpu)
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess_throughput.py

@@ -188,3 +188,20 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
     assert summary["network"] == "baseline" and summary["fold"] == 0
     annotated = next((tmp_path / "root").glob("*/landmark-stage/annotated"))
     assert read_manifest(str(annotated))["status"].eq("ok").all()
+
+
+def test_the_member_key_follows_the_training_code(chain, tmp_path, monkeypatch):
+    from ferpipe.crossval import member_cache
+    from ferpipe.version import code_fingerprint
+
+    helper = tmp_path / "training_helper_for_test.py"
+    helper.write_text("RATE = 1e-3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules, libraries = member_cache.TRAINING_CODE
+    monkeypatch.setattr(member_cache, "TRAINING_CODE", ((*modules, "training_helper_for_test"), libraries))
+    key = lambda: member_cache.member_key(chain["fold"].path, "el", "nose", "smoke", 0, "jaffe")  # noqa: E731
+    before = key()
+    assert key() == before
+    helper.write_text("RATE = 1e-2\n")
+    code_fingerprint.cache_clear()
+    assert key() != before

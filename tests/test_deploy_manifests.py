@@ -453,31 +453,59 @@ def test_gpu_pods_use_the_pipeline_scheduling_values(rendered):
         assert all(c["image"].startswith(IMAGES[1] + ":") for c in spec["containers"])
 
 
-def test_manifest_values_match_components_images(monkeypatch):
-    """The pipeline takes images, GPU scheduling and the Secret from components/images.py."""
-    source = REPO / "components" / "images.py"
-    if not source.exists():
-        pytest.skip("components/images.py does not exist yet")
+def component_images(monkeypatch):
     monkeypatch.delenv("FERPIPE_REGISTRY", raising=False)  # compare the defaults
     # Loaded by path: the components package may import kfp, this module must not need it.
-    spec = importlib.util.spec_from_file_location("ferpipe_component_images", source)
+    spec = importlib.util.spec_from_file_location("ferpipe_component_images", REPO / "components" / "images.py")
     images = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(images)
+    return images
+
+
+def test_manifest_values_match_components_images(monkeypatch):
+    """The pipeline takes images, GPU scheduling and the Secret from components/images.py."""
+    images = component_images(monkeypatch)
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert images.GPU_NODE_LABEL == next(iter(GPU_NODE_SELECTOR.items()))
     assert images.GPU_TOLERATION == GPU_TOLERATION
     assert images.GPU_RESOURCE == GPU_RESOURCE
-    assert (images.CPU_IMAGE, images.GPU_IMAGE) == tuple(f"{image}:{version}" for image in IMAGES)
+    for reference, name in zip((images.CPU_IMAGE, images.GPU_IMAGE), IMAGES):
+        assert re.fullmatch(rf"{re.escape(name)}:{re.escape(version)}-[0-9a-f]{{12}}", reference), reference
     assert images.STORAGE_SECRET == SECRET
     # Tasks read the two credentials and the (non-secret) endpoints from the one Secret.
     assert tuple(images.STORAGE_SECRET_KEYS) == (*SECRET_KEYS, "FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL")
 
 
-def test_images_are_ours_and_tagged_with_the_package_version(rendered):
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+def test_manifests_name_the_images_the_current_code_builds(rendered, monkeypatch):
+    images = component_images(monkeypatch)
     ours = set()
     for doc, spec in pod_specs(rendered["k8s/overlays/gpu-pool"]):
         ours |= {c["image"] for c in containers(spec) if c["image"].startswith("ghcr.io/ferpipe/")}
-    assert ours == {f"{image}:{version}" for image in IMAGES}
+    assert ours == {images.CPU_IMAGE, images.GPU_IMAGE}, "stale image tags: run `make compile`"
     readme = (REPO / "docker" / "README.md").read_text()
-    assert all(f"{image}:{version}" in readme for image in IMAGES)
+    assert images.CPU_IMAGE in readme and images.GPU_IMAGE in readme, "stale image tags: run `make compile`"
+
+
+def test_an_image_tag_follows_what_goes_into_the_image(monkeypatch, tmp_path):
+    """A changed source file, lock or Dockerfile is a new tag; the README and the compiled YAML are not."""
+    images = component_images(monkeypatch)
+    copy = tmp_path / "repo"
+    for entry in (*images.IMAGE_INPUTS, "docker", "README.md"):
+        source = REPO / entry
+        if source.is_dir():
+            shutil.copytree(source, copy / entry, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            dirs_exist_ok=True)
+        else:
+            (copy / entry).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, copy / entry)
+    before = {kind: images.content_hash(kind, copy) for kind in ("cpu", "gpu")}
+    assert before == {kind: images.content_hash(kind, REPO) for kind in ("cpu", "gpu")}
+    (copy / "README.md").write_text("docs only")
+    (copy / "pipelines" / "ferpipe.yaml").write_text("compiled output")
+    assert {kind: images.content_hash(kind, copy) for kind in ("cpu", "gpu")} == before
+    with open(copy / "ferpipe" / "model" / "training.py", "a") as source:
+        source.write("# a changed line\n")
+    assert all(images.content_hash(kind, copy) != before[kind] for kind in ("cpu", "gpu"))
+    (copy / "docker" / "gpu.Dockerfile").write_text("FROM scratch\n")
+    after = images.content_hash("cpu", copy)
+    assert images.content_hash("gpu", copy) != after  # each image hashes its own Dockerfile

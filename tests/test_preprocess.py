@@ -205,3 +205,24 @@ def test_split_stages_use_the_cache_too(messy_folder, tmp_path):
         result = pp.apply_stages(str(tmp_path / run / "s1"), str(tmp_path / run / "s2"), ("clahe",), workers=1,
                                  cache=cache)
     assert result.attrs["cache_hits"] == (result["status"] == "ok").sum()
+
+
+def test_a_change_to_the_stage_code_misses_the_cache(messy_folder, tmp_path, monkeypatch):
+    """The cache keys on the code that computes the stages, not on a constant someone must bump."""
+    from ferpipe.preprocess import cache as image_cache
+    from ferpipe.version import code_fingerprint
+
+    helper = tmp_path / "src" / "stage_helper_for_test.py"
+    helper.parent.mkdir()
+    helper.write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(helper.parent))
+    modules, libraries = image_cache.STAGE_CODE
+    monkeypatch.setattr(image_cache, "STAGE_CODE", ((*modules, "stage_helper_for_test"), libraries))
+    cache = str(tmp_path / "cache")
+    first = pp.preprocess("folder", str(messy_folder), str(tmp_path / "a"), workers=1, cache=cache)
+    again = pp.preprocess("folder", str(messy_folder), str(tmp_path / "b"), workers=1, cache=cache)
+    assert first.attrs["cache_hits"] == 0 and again.attrs["cache_hits"] > 0
+    helper.write_text("SCALE = 2\n")  # the code changed, the data and settings did not
+    code_fingerprint.cache_clear()
+    changed = pp.preprocess("folder", str(messy_folder), str(tmp_path / "c"), workers=1, cache=cache)
+    assert changed.attrs["cache_hits"] == 0

@@ -1,8 +1,8 @@
 """Trained members keyed by what they were trained on: a rerun on unchanged data trains nothing.
 
 The key hashes the fold dataset's rows (ids, content hashes, labels, splits,
-landmarks) and how it was augmented, plus the member (network, slot, seed) and
-the profile. TensorFlow is imported only on a miss, so a hit costs a file copy.
+landmarks) and how it was augmented, plus the member (network, slot, seed),
+the profile and a fingerprint of the training code (`ferpipe.version`). TensorFlow is imported only on a miss, so a hit costs a file copy.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from pathlib import Path
 from ferpipe.crossval.fold_dataset import read_fold_info
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.storage import open_store
+from ferpipe.version import code_fingerprint
 
-CACHE_VERSION = 1
+# The code a trained member depends on: the model package (augmentation, networks, profiles, training),
+# how a fold's data is written and read and how a training task runs, and the deep-learning releases.
+TRAINING_CODE = (("ferpipe.model", "ferpipe.data.parts", "ferpipe.crossval.fold_dataset", "ferpipe.crossval.steps"),
+                 (("keras",), ("tensorflow", "tensorflow-cpu"), ("numpy",)))
 MEMBER_FILES = ("model.weights.h5", "member.json")
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,7 @@ def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, 
     rows = manifest[columns].astype(str).values.tolist()
     points = [None if v is None else [round(float(x), 5) for x in v] for v in manifest["landmarks"]]
     fold_info = read_fold_info(fold_dir)
-    recipe = [CACHE_VERSION, rows, points, fold_info, network, slot, profile, seed, dataset]
+    recipe = [code_fingerprint(*TRAINING_CODE), rows, points, fold_info, network, slot, profile, seed, dataset]
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -1,7 +1,7 @@
 """Per-image results of stages, keyed by content and settings: a rerun redoes only what changed.
 
-The key is a hash of the stage names, their settings, the bytes the image
-entered with, and what the record brought along (its status, its CK+ landmark
+The key is a hash of the code that computes the stages (`ferpipe.version`),
+the stage names, their settings, the bytes the image entered with, and what the record brought along (its status, its CK+ landmark
 file). A hit restores the columns the stages would have written and their
 output pixels, so a rerun with 10% new images preprocesses only those. The
 cache lives in any store (a local folder, or S3 for the cluster); entries are
@@ -14,16 +14,19 @@ import hashlib
 import json
 
 from ferpipe.data.storage import Store
+from ferpipe.version import code_fingerprint
 
-# Bump when a stage's code changes what it writes for the same input and settings.
-CACHE_VERSION = 1
+# The code a cached row depends on: the stages themselves, the statuses they write, CK+'s landmark
+# reader, and the libraries doing the pixel work. A change to any of them is a miss.
+STAGE_CODE = (("ferpipe.preprocess", "ferpipe.data.manifest", "ferpipe.data.adapters.ckplus"),
+              (("opencv-python-headless", "opencv-python"), ("dlib-bin", "dlib"), ("pillow",), ("numpy",)))
 STAGE_COLUMNS = ("status", "detail", "sha256", "face_box", "face_confidence", "detector", "landmarks",
                  "source_landmarks")
 
 
 class ImageCache:
     def __init__(self, store: Store, names: tuple[str, ...], settings: dict):
-        recipe = json.dumps([CACHE_VERSION, list(names), settings], sort_keys=True, default=str)
+        recipe = json.dumps([code_fingerprint(*STAGE_CODE), list(names), settings], sort_keys=True, default=str)
         self.store = store
         self.prefix = "-".join(names) + "/" + hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
