@@ -7,13 +7,14 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def input_fingerprint(data_uri: str) -> str:
-    """Names, sizes and content hashes of everything under data_uri, as one hash (never cached)."""
+def input_fingerprint(data_uri: str, cache_uri: str) -> str:
+    """Everything under data_uri as one hash (never cached): from the S3 listing (key, size, ETag); locally
+    names, sizes, times, and content hashes of what changed since the last run (an index in cache_uri)."""
     from ferpipe.console import for_task
     from ferpipe.data.fingerprint import fingerprint
 
     for_task()
-    return fingerprint(data_uri)
+    return fingerprint(data_uri, cache_uri or None)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -126,7 +126,7 @@ def build_pipeline(fold_parallelism: int = 0):
             cache_uri: Per-image preprocessing results and trained members, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
             work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: each fold's result for the aggregation.
         """
-        fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri))
+        fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
         frames = on_cpu_node(input_stage(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
                                          n_folds=n_folds, cache_uri=cache_uri))

@@ -44,7 +44,7 @@ def chain(demo, tmp_path_factory):
     out = {name: artifact(Dataset, root, name) for name in ("frames", "enhanced", "faces", "annotated", "fold")}
     out["preview"], out["plan"] = artifact(HTML, root, "preview"), artifact(Markdown, root, "plan")
     cache = str(root / "cache")
-    out["fingerprint"] = input_fingerprint.python_func(data_uri=str(demo))
+    out["fingerprint"] = input_fingerprint.python_func(data_uri=str(demo), cache_uri=cache)
     input_stage.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"], n_folds=10,
                            cache_uri=cache, frames=out["frames"])
     clahe_stage.python_func(frames=out["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache,
@@ -64,10 +64,11 @@ def test_fingerprint_changes_with_the_data(demo, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(demo, copy)
-    before = input_fingerprint.python_func(data_uri=str(copy))
-    assert before == input_fingerprint.python_func(data_uri=str(demo))
+    cache = str(tmp_path / "cache")
+    before = input_fingerprint.python_func(data_uri=str(copy), cache_uri=cache)
+    assert before == input_fingerprint.python_func(data_uri=str(demo), cache_uri="")
     (copy / "ZA.HA1.4.tiff").write_bytes((copy / "ZA.AN1.1.tiff").read_bytes())
-    assert input_fingerprint.python_func(data_uri=str(copy)) != before
+    assert input_fingerprint.python_func(data_uri=str(copy), cache_uri=cache) != before
 
 
 def test_stage_components_pass_datasets_along(chain):

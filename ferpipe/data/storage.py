@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -47,10 +48,24 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One blob as a listing shows it, without reading it."""
+
+    key: str
+    size: int
+    etag: str | None = None  # S3: the server's hash of the content (MD5, or a multipart digest)
+    mtime_ns: int | None = None  # local files: when the content last changed
+
+
 class Store:
     """A tree of named blobs; keys are '/'-separated paths relative to the root."""
 
     uri: str
+
+    def entries(self, prefix: str = "") -> list[Entry]:
+        """Every blob under `prefix` with what the listing says of it, sorted by key; reads no content."""
+        return [Entry(key, self.size(key)) for key in self.list(prefix)]
 
     def read_bytes(self, key: str) -> bytes:
         raise NotImplementedError
@@ -106,6 +121,13 @@ class LocalStore(Store):
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
+    def entries(self, prefix: str = "") -> list[Entry]:
+        found = []
+        for key in self.list(prefix):
+            stat = self._path(key).stat()
+            found.append(Entry(key, stat.st_size, mtime_ns=stat.st_mtime_ns))
+        return found
+
     def child(self, key: str) -> "LocalStore":
         return LocalStore(self._path(key))
 
@@ -158,6 +180,15 @@ class S3Store(Store):
 
     def size(self, key: str) -> int:
         return self.client.stat_object(self.bucket, self._key(key)).size
+
+    def entries(self, prefix: str = "") -> list[Entry]:
+        root = self._key(prefix)
+        root = f"{root}/" if root and not prefix.endswith((".", "/")) else root
+        start = len(self.prefix) + 1 if self.prefix else 0
+        objects = self.client.list_objects(self.bucket, prefix=root, recursive=True)
+        found = [Entry(o.object_name[start:], o.size, etag=(o.etag or "").strip('"') or None)
+                 for o in objects if not o.is_dir]
+        return sorted(found, key=lambda e: e.key)
 
     def child(self, key: str) -> "S3Store":
         return S3Store(f"s3://{self.bucket}/{self._key(key)}", client=self.client)
