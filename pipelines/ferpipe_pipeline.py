@@ -50,7 +50,8 @@ MIN_BACKEND = "2.5.0"  # the oldest KFP backend this DAG runs on; README and `fe
 
 CLAHE, DETECTION, LANDMARKS = ClaheSettings(), DetectionSettings(), LandmarkSettings()
 
-# Training survives a lost GPU node: retried with backoff (its checkpoints resume, see training_stage).
+# Training survives a lost GPU node: retried with backoff, it resumes from the checkpoint it mirrors to
+# <work_uri>/<run id>/checkpoints/ after every epoch (components/training_stage.py).
 # KFP 2.5 retries only top-level tasks and ignores this inside a loop; 2.14 and later honour it everywhere.
 TRAINING_RETRIES = dict(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s")
 # Stages that only read inputs and rewrite their own output are safe to run again.
@@ -124,7 +125,7 @@ def build_pipeline(fold_parallelism: int = 0):
             on_no_face: skip (record no_face) or dlib_hog (try dlib's HOG detector).
             landmark_source: dlib, or dataset (CK+'s own landmark files).
             cache_uri: Per-image preprocessing results and trained members, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
-            work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: each fold's result for the aggregation.
+            work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: training checkpoints after every epoch (a retried training task resumes from them) and each fold's result for the aggregation.
         """
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
@@ -145,7 +146,8 @@ def build_pipeline(fold_parallelism: int = 0):
             for part in ENSEMBLE_PARTS:
                 trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
                                                      slot=part, profile=profile, dataset=dataset, seed=seed,
-                                                     cache_uri=cache_uri))
+                                                     cache_uri=cache_uri, work_uri=work_uri,
+                                                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
                 trained.set_display_name(f"train {part}")
                 models[part] = trained.outputs["model"]
             predicted = on_cpu_node(prediction_stage(fold_data=augmented.outputs["fold_data"], **models,

@@ -102,7 +102,8 @@ def trained(chain, tmp_path_factory):
     for slot in ENSEMBLE_PARTS:
         model = artifact(Model, root, slot)
         training_stage.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke", dataset="jaffe",
-                                 seed=0, cache_uri=str(root / "cache"), model=model)
+                                   seed=0, cache_uri=str(root / "cache"), work_uri=str(root / "work"),
+                                   kfp_run_id="run-1", model=model)
         models.append(model)
     return models
 
@@ -114,13 +115,16 @@ def test_training_component_writes_a_model_and_its_history(trained):
     assert summary["slot"] == "eyebrows" and summary["part"] == "eyebrows"
     assert [row["phase"] for row in summary["history"]][:1] == ["landmarks"]
     assert model.metadata["cached"] is False and model.metadata["fold"] == 1
+    mirror = Path(model.path).parent / "work" / "run-1" / "checkpoints" / "fold1" / "eyebrows"
+    state = json.loads((mirror / "state.json").read_text())  # the checkpoint a retry would resume from
+    assert state["complete"] and (mirror / "model.weights.h5").is_file()
 
 
 def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
     again = artifact(Model, tmp_path, "again")
     training_stage.python_func(fold_data=chain["fold"], network="el", slot="eyebrows", profile="smoke",
-                             dataset="jaffe", seed=0, cache_uri=str(Path(trained[0].path).parent / "cache"),
-                             model=again)
+                               dataset="jaffe", seed=0, cache_uri=str(Path(trained[0].path).parent / "cache"),
+                               work_uri="", kfp_run_id="run-2", model=again)
     assert again.metadata["cached"] is True
     assert Path(again.path, "model.weights.h5").read_bytes() == Path(trained[0].path, "model.weights.h5").read_bytes()
 
@@ -177,9 +181,9 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
         annotated = landmark_stage(faces=faces.outputs["faces"], source="dlib", cache_uri=cache_uri)
         fold_plan(annotated=annotated.outputs["annotated"], max_folds=2)
         fold = augmentation_stage(annotated=annotated.outputs["annotated"], fold=0, profile="smoke", dataset="jaffe",
-                            seed=0)
+                                  seed=0)
         return training_stage(fold_data=fold.outputs["fold_data"], network="baseline", slot="jaw", profile="smoke",
-                            dataset="jaffe", seed=0, cache_uri="").outputs["model"]
+                              dataset="jaffe", seed=0, cache_uri="", work_uri="", kfp_run_id="").outputs["model"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                raise_on_error=True)

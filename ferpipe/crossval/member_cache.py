@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ferpipe.crossval.fold_dataset import read_fold_info
 from ferpipe.data.manifest import read_manifest
-from ferpipe.data.storage import open_store
+from ferpipe.data.storage import Store, open_store
 from ferpipe.version import code_fingerprint
 
 # The code a trained member depends on: the model package (augmentation, networks, profiles, training),
@@ -37,8 +37,12 @@ def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, 
 
 
 def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                     dataset: str | None = None, cache_uri: str = "") -> tuple[dict, bool]:
-    """(member summary, whether it came from the cache); trains and fills the cache on a miss."""
+                     dataset: str | None = None, cache_uri: str = "", checkpoints: Store | None = None
+                     ) -> tuple[dict, bool]:
+    """(member summary, whether it came from the cache); trains and fills the cache on a miss.
+
+    `checkpoints`: the run's store, where training mirrors its checkpoint to survive a lost pod.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = open_store(cache_uri).child("members") if cache_uri else None
@@ -50,7 +54,7 @@ def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_d
         return json.loads((out / "member.json").read_text()), True
     from ferpipe.crossval.steps import train_on_fold
 
-    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset)
+    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset, checkpoints=checkpoints)
     if cache is not None:
         for name in MEMBER_FILES:  # the summary last: its presence marks a complete entry
             cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())

@@ -43,9 +43,21 @@ def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies:
     return on_materialised_copies(get_profile(profile, dataset), copies)
 
 
+def run_store(work_uri: str, kfp_run_id: str) -> Store:
+    """What one run's tasks share: <work_uri>/<KFP run id>/ (fold results, training checkpoints)."""
+    if not kfp_run_id:
+        raise ValueError("a KFP run id is needed to keep one run's files apart from another's")
+    return open_store(work_uri).child(kfp_run_id)
+
+
 def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                  dataset: str | None = None, progress: Progress = log_progress) -> dict:
-    """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json."""
+                  dataset: str | None = None, progress: Progress = log_progress, checkpoints: Store | None = None
+                  ) -> dict:
+    """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json.
+
+    With `checkpoints` (the run's store), the member's checkpoint is mirrored to
+    checkpoints/fold<k>/<slot>/ after every epoch, so a retried task resumes there.
+    """
     info = read_fold_info(fold_dir)
     chosen = pipeline_profile(profile, dataset, info["copies"])
     train = load_fold_split(fold_dir, "train", chosen.input_size)
@@ -54,7 +66,8 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress)
+    mirror = checkpoints.child(f"fold{info['fold']}/{slot}") if checkpoints is not None else None
+    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress, mirror)
     trained.model.save_weights(out / MODEL_FILE)
     summary = {
         "fold": info["fold"], "network": network, "slot": slot, "part": member.part, "seed": member.seed,
@@ -101,9 +114,7 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
 
 def shared_folds(work_uri: str, kfp_run_id: str) -> Store:
     """Where a run's prediction tasks leave their fold results for the aggregation step: one prefix per run."""
-    if not kfp_run_id:
-        raise ValueError("a KFP run id is needed to keep one run's fold results apart from another's")
-    return open_store(work_uri).child(f"{kfp_run_id}/folds")
+    return run_store(work_uri, kfp_run_id).child("folds")
 
 
 def share_fold_result(prediction_dir: str, work_uri: str, kfp_run_id: str, fold: int) -> None:

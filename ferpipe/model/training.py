@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from ferpipe.data.parts import ENSEMBLE_PARTS, part_outputs, part_slice
-from ferpipe.data.storage import atomic_path, atomic_write
+from ferpipe.data.storage import Store, atomic_path, atomic_write
 from ferpipe.model.augment import BatchStream, to_network_input
 from ferpipe.model.examples import Examples
 from ferpipe.model.networks import (
@@ -194,12 +194,23 @@ class _PhaseMonitor(keras.callbacks.Callback):
 
 
 class _Run:
-    """The state of one member's training in its checkpoint directory."""
+    """The state of one member's training in its checkpoint directory, mirrored to a store when given one.
 
-    def __init__(self, member: Member, profile: Profile, directory: Path, fingerprint: dict, progress: Progress):
+    A pod's local folder dies with the pod. With a mirror (an S3 prefix on the
+    cluster) every file the checkpoint changes is copied there each time the
+    state is saved, state.json last, so the mirror never names a snapshot it
+    lacks; a task restarted on another node with an empty folder pulls the
+    mirror first and resumes at the last epoch written.
+    """
+
+    def __init__(self, member: Member, profile: Profile, directory: Path, fingerprint: dict, progress: Progress,
+                 mirror: Store | None = None):
         self.member, self.profile, self.directory, self.progress = member, profile, directory, progress
+        self.mirror, self.pushed = mirror, {}
         directory.mkdir(parents=True, exist_ok=True)
         saved = self.path(STATE_FILE)
+        if mirror is not None and not saved.exists() and mirror.exists(STATE_FILE):
+            self._pull()
         if saved.exists():
             self.state = json.loads(saved.read_text())
             if self.state["fingerprint"] != fingerprint:
@@ -216,6 +227,22 @@ class _Run:
 
     def save_state(self) -> None:
         atomic_write(self.path(STATE_FILE), json.dumps(self.state, indent=1))
+        if self.mirror is not None:
+            self._push()
+
+    def _pull(self) -> None:
+        for key in sorted(self.mirror.list(), key=lambda k: k == STATE_FILE):  # state.json last
+            atomic_write(self.path(key), self.mirror.read_bytes(key))
+            self.pushed[key] = self.path(key).stat().st_mtime_ns
+        self.progress(f"{self.member.name}: checkpoint restored from {self.mirror.uri}")
+
+    def _push(self) -> None:
+        files = [p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+        for path in sorted(files, key=lambda p: p.name == STATE_FILE):  # state.json last
+            stamp = path.stat().st_mtime_ns
+            if self.pushed.get(path.name) != stamp:
+                self.mirror.write_bytes(path.name, path.read_bytes())
+                self.pushed[path.name] = stamp
 
     def begin(self, phase: str) -> None:
         if self.state["phase"] != phase:
@@ -355,8 +382,12 @@ def train_member(
     profile: Profile,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: Progress = log_progress,
+    mirror: Store | None = None,
 ) -> TrainedMember:
     """Train one ensemble member on one fold's data; resumes from `checkpoint_dir` when it holds a run.
+
+    `mirror` keeps a copy of the checkpoint in a store after every epoch (and
+    fills an empty `checkpoint_dir` from it): how a task survives losing its pod.
 
     `train` and `val` must be at `profile.input_size`. Returns the sub-network
     (a model of its own) with the best weights of its last phase, and one
@@ -366,8 +397,8 @@ def train_member(
         raise ValueError(f"examples are {train.size}px, profile {profile.name!r} wants {profile.input_size}px")
     if checkpoint_dir is None:
         with tempfile.TemporaryDirectory(prefix="ferpipe-member-") as scratch:
-            return train_member(member, train, val, profile, scratch, progress)
-    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress)
+            return train_member(member, train, val, profile, scratch, progress, mirror)
+    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress, mirror)
     classes = len(train.classes)
     # The returned model is built first, from the member's seed: its fresh extractor is the
     # member's starting point (one model build fewer per member).
