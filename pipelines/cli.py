@@ -66,13 +66,25 @@ def _training_options(parser, profile: str) -> None:
 
 
 def _pipeline_options(parser, local: bool) -> None:
-    _data_options(parser, remote=False)
+    _data_options(parser, remote=not local)
     _preprocess_options(parser)
     _training_options(parser, "demo" if local else "paper")
     group = parser.add_argument_group("pipeline")
     group.add_argument("--max-folds", type=int, default=0, help="train only the first N folds (0 = all)")
     group.add_argument("--mlflow-uri", default=None,
                        help="MLflow tracking URI (default: " + ("OUT/mlflow.db" if local else "the pipeline's") + ")")
+
+
+def _gpu_option(parser) -> None:
+    parser.add_argument("--max-parallel-gpu", type=int, default=0, metavar="N",
+                        help="at most N GPU training tasks at once (0 = no limit): N >= 5 trains N // 5 folds at a "
+                             "time, N < 5 one fold at a time with N of its trainings at once")
+
+
+def _checked_gpu_limit(args) -> int:
+    if args.max_parallel_gpu < 0:
+        raise UserError("--max-parallel-gpu is 0 (no limit) or the number of GPU trainings allowed at once")
+    return args.max_parallel_gpu
 
 
 def pipeline_arguments(args) -> dict:
@@ -155,19 +167,23 @@ def _run(args) -> None:
 def _compile(args) -> None:
     from pipelines.remote import compile_pipeline
 
-    log.info(f"compiled: {compile_pipeline(args.out)} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
+    compiled = compile_pipeline(args.out, _checked_gpu_limit(args))
+    log.info(f"compiled: {compiled} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
 
 
 def _submit(args) -> None:
     from pipelines.remote import submit
 
-    log.info(f"run started: {submit(args.host, pipeline_arguments(args), run_name=args.run_name)}")
+    run = submit(args.host, pipeline_arguments(args), run_name=args.run_name, max_parallel_gpu=_checked_gpu_limit(args))
+    log.info(f"run started: {run}")
 
 
 def _schedule(args) -> None:
     from pipelines.remote import schedule
 
-    log.info(f"recurring run created: {schedule(args.host, args.cron, pipeline_arguments(args), name=args.name)}")
+    job = schedule(args.host, args.cron, pipeline_arguments(args), name=args.name,
+                   max_parallel_gpu=_checked_gpu_limit(args))
+    log.info(f"recurring run created: {job}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = commands.add_parser("compile", help="write the pipeline's IR YAML for the Kubeflow UI")
     comp.add_argument("--out", default="pipelines/ferpipe.yaml")
+    _gpu_option(comp)
     comp.set_defaults(handler=_compile)
 
     sub = commands.add_parser("submit", help="start a run on a Kubeflow Pipelines endpoint")
     sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sub.add_argument("--run-name", default=None)
     _pipeline_options(sub, local=False)
+    _gpu_option(sub)
     sub.set_defaults(handler=_submit)
 
     sch = commands.add_parser("schedule", help="create a recurring run (reruns when new data arrives)")
@@ -230,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (daily at 03:00)")
     sch.add_argument("--name", default="ferpipe-rerun")
     _pipeline_options(sch, local=False)
+    _gpu_option(sch)
     sch.set_defaults(handler=_schedule)
     return parser
 

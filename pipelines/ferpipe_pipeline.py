@@ -79,12 +79,29 @@ def on_cpu_node(task: dsl.PipelineTask, cpu: str = "2", memory: str = "4G", retr
     return task.set_retry(**STAGE_RETRIES) if retry else task
 
 
-def build_pipeline(fold_parallelism: int = 0):
-    """The pipeline function; `fold_parallelism` folds train at once (0 = all, the cluster's default).
+def gpu_schedule(max_parallel_gpu: int) -> tuple[int, int]:
+    """(folds at a time, trainings at a time within a fold) for at most `max_parallel_gpu` GPU tasks at once.
+
+    0 is no limit. A fold's five trainings start together, so N >= 5 runs N // 5
+    folds at a time; N < 5 runs one fold at a time with its trainings in N chains.
+    """
+    if max_parallel_gpu < 0:
+        raise ValueError("--max-parallel-gpu must be 0 (no limit) or a positive number of GPU tasks")
+    if max_parallel_gpu == 0:
+        return 0, len(ENSEMBLE_PARTS)
+    if max_parallel_gpu >= len(ENSEMBLE_PARTS):
+        return max_parallel_gpu // len(ENSEMBLE_PARTS), len(ENSEMBLE_PARTS)
+    return 1, max_parallel_gpu
+
+
+def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSEMBLE_PARTS)):
+    """The pipeline function; `fold_parallelism` folds train at once (0 = all, the cluster's default),
+    and within a fold `trainings_per_fold` of the five trainings (the others wait in chains).
 
     A local run on a laptop takes two folds at a time, so one training task
-    imports TensorFlow while another trains. The limit is compiled into the
-    YAML (`iteratorPolicy`), hence a factory rather than a pipeline parameter.
+    imports TensorFlow while another trains. The limits are compiled into the
+    YAML (`iteratorPolicy`, task dependencies), hence a factory rather than
+    pipeline parameters; `ferpipe compile --max-parallel-gpu N` picks them.
     """
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Part-based ensemble transfer learning for facial expression "
@@ -142,13 +159,16 @@ def build_pipeline(fold_parallelism: int = 0):
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism) as fold:
             augmented = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=fold,
                                                        profile=profile, dataset=dataset, seed=seed))
-            models = {}
+            models, trainings = {}, []
             for part in ENSEMBLE_PARTS:
                 trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
                                                      slot=part, profile=profile, dataset=dataset, seed=seed,
                                                      cache_uri=cache_uri, work_uri=work_uri,
                                                      kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
                 trained.set_display_name(f"train {part}")
+                if len(trainings) >= trainings_per_fold:  # a GPU budget: wait for the chain's previous task
+                    trained.after(trainings[-trainings_per_fold])
+                trainings.append(trained)
                 models[part] = trained.outputs["model"]
             predicted = on_cpu_node(prediction_stage(fold_data=augmented.outputs["fold_data"], **models,
                                                      network=network, profile=profile, dataset=dataset, seed=seed,

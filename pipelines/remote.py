@@ -12,12 +12,13 @@ from pipelines.backend import check_server
 COMPILED = Path(__file__).with_name("ferpipe.yaml")
 
 
-def compile_pipeline(out: str | Path = COMPILED) -> Path:
+def compile_pipeline(out: str | Path = COMPILED, max_parallel_gpu: int = 0) -> Path:
+    """The DAG's IR YAML; `max_parallel_gpu` > 0 caps the GPU training tasks running at once."""
     from kfp import compiler
 
-    from pipelines.ferpipe_pipeline import ferpipe_pipeline
+    from pipelines.ferpipe_pipeline import build_pipeline, gpu_schedule
 
-    compiler.Compiler().compile(ferpipe_pipeline, str(out))
+    compiler.Compiler().compile(build_pipeline(*gpu_schedule(max_parallel_gpu)), str(out))
     out = Path(out)
     out.write_text(_without_secret_optional(out.read_text()))
     return out
@@ -40,17 +41,19 @@ def _client(host: str):
     return kfp.Client(host=host)
 
 
-def submit(host: str, arguments: dict, experiment: str = "ferpipe", run_name: str | None = None) -> str:
+def submit(host: str, arguments: dict, experiment: str = "ferpipe", run_name: str | None = None,
+           max_parallel_gpu: int = 0) -> str:
     """Start one run; returns its id."""
     check_server(host)
     with tempfile.TemporaryDirectory(prefix="ferpipe-") as scratch:
-        compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml")
+        compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml", max_parallel_gpu)
         run = _client(host).create_run_from_pipeline_package(
             str(compiled), arguments=arguments, experiment_name=experiment, run_name=run_name)
     return run.run_id
 
 
-def schedule(host: str, cron: str, arguments: dict, experiment: str = "ferpipe", name: str = "ferpipe-rerun") -> str:
+def schedule(host: str, cron: str, arguments: dict, experiment: str = "ferpipe", name: str = "ferpipe-rerun",
+             max_parallel_gpu: int = 0) -> str:
     """A recurring run: at most one at a time, no catch-up of missed slots (new data is seen next time)."""
     if len(cron.split()) not in (5, 6):
         raise UserError(f"--cron {cron!r} is not a cron expression (5 or 6 fields, e.g. '0 0 3 * * *')")
@@ -58,7 +61,7 @@ def schedule(host: str, cron: str, arguments: dict, experiment: str = "ferpipe",
     client = _client(host)
     experiment_id = client.create_experiment(experiment).experiment_id
     with tempfile.TemporaryDirectory(prefix="ferpipe-") as scratch:
-        compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml")
+        compiled = compile_pipeline(Path(scratch) / "ferpipe.yaml", max_parallel_gpu)
         job = client.create_recurring_run(
             experiment_id=experiment_id, job_name=name, cron_expression=_six_fields(cron), max_concurrency=1,
             no_catchup=True, pipeline_package_path=str(compiled), params=arguments, enabled=True)

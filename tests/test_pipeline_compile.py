@@ -140,3 +140,18 @@ def test_training_is_retried_with_backoff_and_aggregation_is_not(spec):
     assert retry["maxRetryCount"] >= 2 and retry["backoffFactor"] >= 2 and retry["backoffDuration"].endswith("s")
     assert "retryPolicy" in tasks["input-stage"]
     assert "retryPolicy" not in tasks["aggregation"]  # it logs to MLflow once
+
+
+@pytest.mark.parametrize("limit,folds_at_once,chained", [(0, None, False), (10, 2, False), (2, 1, True)])
+def test_a_gpu_budget_limits_folds_and_chains_trainings(tmp_path, limit, folds_at_once, chained):
+    ir, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "limited.yaml", max_parallel_gpu=limit).read_text())
+    (loop,) = [t for t in ir["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    assert loop.get("iteratorPolicy", {}).get("parallelismLimit") == folds_at_once
+    body = ir["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    waits = {k: [d for d in t["dependentTasks"] if d.startswith("training-stage")]
+             for k, t in body.items() if k.startswith("training-stage")}
+    if chained:  # two chains: the third training waits for the first, the fifth for the third
+        assert waits["training-stage-3"] == ["training-stage"] and waits["training-stage-5"] == ["training-stage-3"]
+        assert waits["training-stage"] == [] and waits["training-stage-2"] == []
+    else:
+        assert not any(waits.values())
