@@ -1,0 +1,32 @@
+"""`ferpipe run`'s console: everything the run prints goes to the log, a person sees one line per task."""
+
+import json
+import os
+import subprocess
+
+from pipelines.local_run import LiveView
+
+
+def test_the_live_view_keeps_everything_in_the_log_and_counts_tasks(tmp_path, capfd):
+    root, log = tmp_path / "artifacts", tmp_path / "run.log"
+    plan = root / "ferpipe-run" / "fold-plan" / "executor_output.json"
+    plan.parent.mkdir(parents=True)
+    plan.write_text(json.dumps({"parameterValues": {"Output": [0, 1, 2]}}))
+    def say(line: str) -> None:  # what the runner prints lands on fd 1 (pytest swaps sys.stdout, not the fd)
+        os.write(1, (line + "\n").encode())
+
+    with LiveView(root, log) as view:
+        say("\x1b[96m08:00:00 - INFO - Executing task 'fold-plan'\x1b[0m")
+        subprocess.run(["echo", '{"executor_input": "a subprocess writes here too"}'], check=True)
+        say("Task 'fold-plan' finished with status SUCCESS")
+        say("Executing task 'train nose'")
+        say("Executing task 'train jaw'")
+        say("Task 'train nose' finished with status SUCCESS")
+        say("Task 'train jaw' finished with status FAILURE")
+    assert view.total_folds == 3 and view.done == 3 and view.running == [] and view.failed == ["train jaw"]
+    kept = log.read_text()
+    assert "a subprocess writes here too" in kept and "Executing task 'train nose'" in kept
+    console = capfd.readouterr()
+    shown = console.out + console.err
+    assert "a subprocess writes here too" not in shown  # the noise stays in the log
+    assert "[3/" in shown and "train jaw: failure" in shown
