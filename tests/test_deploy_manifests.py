@@ -22,7 +22,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
-KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/gpu-pool"]
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/gpu-pool", "k8s/pipeline-namespace"]
+WITH_PODS = ["k8s/base", "k8s/overlays/gpu-pool"]  # pipeline-namespace holds a LimitRange only
 NAMESPACE = "ferpipe"
 SECRET = "ferpipe-storage"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -367,7 +368,7 @@ def security_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", WITH_PODS)
 def test_every_container_has_requests_and_a_memory_limit(rendered, name):
     assert list(pod_specs(rendered[name]))
     assert resource_problems(rendered[name]) == []
@@ -509,3 +510,11 @@ def test_an_image_tag_follows_what_goes_into_the_image(monkeypatch, tmp_path):
     (copy / "docker" / "gpu.Dockerfile").write_text("FROM scratch\n")
     after = images.content_hash("cpu", copy)
     assert images.content_hash("gpu", copy) != after  # each image hashes its own Dockerfile
+
+
+def test_pipeline_pods_get_an_ephemeral_storage_request(rendered):
+    """KFP's IR cannot ask for ephemeral storage; the pipeline namespace's LimitRange gives every task one."""
+    (limits,) = [d for d in rendered["k8s/pipeline-namespace"] if d["kind"] == "LimitRange"]
+    (container,) = [rule for rule in limits["spec"]["limits"] if rule["type"] == "Container"]
+    assert container["defaultRequest"]["ephemeral-storage"].endswith("Gi")
+    assert limits["metadata"]["namespace"] != NAMESPACE  # where KFP runs the pods, not ferpipe's services
