@@ -189,6 +189,9 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
     arguments = {**arguments, "data_uri": data if data.startswith("s3://") else str(Path(data).absolute())}
+    meta = arguments.get("subject_meta_uri") or ""
+    if meta and not meta.startswith("s3://"):  # tasks run in OUT, so a relative path would point nowhere
+        arguments["subject_meta_uri"] = str(Path(meta).absolute())
     arguments.setdefault("mlflow_uri", default_mlflow_uri(out))
     arguments.setdefault("cache_uri", str(out / "cache"))
     arguments.setdefault("work_uri", str(out / "work"))
