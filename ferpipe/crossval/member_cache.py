@@ -16,8 +16,10 @@ from ferpipe.crossval.fold_dataset import read_fold_info
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.storage import open_store
 
-CACHE_VERSION = 1
+# 2: entries also keep phase 1's landmark network (the landmark study); version 1 entries lack it.
+CACHE_VERSION = 2
 MEMBER_FILES = ("model.weights.h5", "member.json")
+OPTIONAL_FILES = ("landmarks.weights.npz",)  # only members with a landmark phase have it
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,16 @@ def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_d
     cache = open_store(cache_uri).child("members") if cache_uri else None
     key = member_key(fold_dir, network, slot, profile, seed, dataset) if cache else ""
     if cache is not None and all(cache.exists(f"{key}/{name}") for name in MEMBER_FILES):
-        for name in MEMBER_FILES:
-            (out / name).write_bytes(cache.read_bytes(f"{key}/{name}"))
+        for name in (*OPTIONAL_FILES, *MEMBER_FILES):
+            if name in MEMBER_FILES or cache.exists(f"{key}/{name}"):
+                (out / name).write_bytes(cache.read_bytes(f"{key}/{name}"))
         log.info(f"{network} {slot}: trained member restored from the cache ({key[:12]})")
         return json.loads((out / "member.json").read_text()), True
     from ferpipe.crossval.steps import train_on_fold
 
     summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset)
     if cache is not None:
-        for name in MEMBER_FILES:  # the summary last: its presence marks a complete entry
-            cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())
+        for name in (*OPTIONAL_FILES, *MEMBER_FILES):  # the summary last: its presence marks a complete entry
+            if (out / name).is_file():
+                cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())
     return summary, False
