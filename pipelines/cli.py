@@ -133,6 +133,8 @@ def _train_eval(args) -> None:
     except FileNotFoundError as err:
         raise UserError(f"no manifest at {err.filename or err}") from None
     log.info(f"results: {args.out.rstrip('/')}/results.json (ensemble accuracy {100 * accuracy:.2f}%)")
+    if not args.test_manifest:
+        log.info(f"report:  {args.out.rstrip('/')}/report.html (open it in a browser)")
 
 
 def _complexity(args) -> None:
