@@ -106,3 +106,21 @@ def test_london_subjects_csv_is_picked_up_beside_the_images_and_matches_every_su
     assert stored["meta_gender"].notna().all()
     assert stored["meta_age"].isna().sum() == 4  # two subjects gave no age: their two images each
     assert np.array_equal(stored["meta_gender"].value_counts().sort_index().values, [98, 106])
+
+
+def test_an_explicit_subjects_meta_wins_and_matches_unpadded_ids(london, tmp_path):
+    table = tmp_path / "people.csv"
+    table.write_text("subject,sex\n" + "".join(f"{n},{'f' if n % 2 else 'm'}\n" for n in range(1, 103)))
+    manifest = ingest("folder", str(london), str(tmp_path / "frames"), names=("input",), workers=1,
+                      options=DatasetOptions(subject_meta=str(table)))
+    assert "meta_age" not in manifest.columns  # the folder's own subjects.csv is not used then
+    assert manifest.loc[manifest["subject"] == "003", "meta_gender"].tolist() == ["f", "f"]  # sex -> gender
+
+
+def test_preprocess_stops_at_once_on_a_missing_metadata_file(london, tmp_path, capsys):
+    from pipelines.cli import main
+
+    code = main(["preprocess", "--dataset", "folder", "--data", str(london), "--out", str(tmp_path / "out"),
+                 "--subjects-meta", str(tmp_path / "nope.csv")])
+    assert code == 2 and "subject metadata CSV not found" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.parquet").exists()

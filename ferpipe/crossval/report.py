@@ -70,9 +70,37 @@ def markdown_report(results: dict, dataset: str, data_uri: str, synthetic: bool,
               "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for name, row in zip(classes, overall["confusion"][ENSEMBLE]):
         lines.append(f"| **{name}** | " + " | ".join(map(str, row)) + " |")
+    lines += _groups_markdown(results.get("groups")) + _study_markdown(results.get("landmark_study"))
+    lines += ["", "The whole run, pictures included: report.html beside this file."]
     if mlflow_run_id:
         lines += ["", f"MLflow parent run: `{mlflow_run_id}`"]
     return "\n".join(lines) + "\n"
+
+
+def _groups_markdown(groups: dict | None) -> list[str]:
+    if not groups or not groups.get("attributes"):
+        return []
+    lines = ["", f"## Ensemble accuracy per group (95% Wilson interval; under {groups['min_images']} images: too few "
+             "to say)", "", "| attribute | group | images | accuracy % | interval % | |", "|---|---|---:|---:|---:|---|"]
+    for attribute, entries in groups["attributes"].items():
+        for g in entries:
+            if g["accuracy"] is None:
+                lines.append(f"| {attribute} | {g['group']} | {g['images']} | {g['verdict']} | | |")
+            else:
+                flag = "**below overall**" if g["verdict"] == "below overall" else ""
+                lines.append(f"| {attribute} | {g['group']} | {g['images']} | {100 * g['accuracy']:.1f} | "
+                             f"{100 * g['low']:.1f}-{100 * g['high']:.1f} | {flag} |")
+    return lines
+
+
+def _study_markdown(study: dict | None) -> list[str]:
+    if not study:
+        return []
+    lines = ["", "## Landmark study: mean absolute error, % of the crop (phase 1's head, before/after fine-tuning)",
+             "", "| member | before | after | mean face |", "|---|---:|---:|---:|"]
+    for slot, m in study["members"].items():
+        lines.append(f"| {slot} | {100 * m['before']:.2f} | {100 * m['after']:.2f} | {100 * m['mean_face']:.2f} |")
+    return lines
 
 
 def _metric_name(text: str) -> str:
