@@ -54,7 +54,9 @@ table{border-collapse:collapse;margin:.3em 0 .8em;font-variant-numeric:tabular-n
 th,td{border:1px solid #dde1e7;padding:3px 8px;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#eef1f5}
 img{max-width:100%;height:auto;display:block;border:1px solid #dde1e7;background:#fff}
-.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:10px}
+.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,260px),1fr));gap:10px}
+.figures.wide{grid-template-columns:repeat(auto-fill,minmax(min(100%,520px),1fr))}
+table.kv td{white-space:normal;text-align:left;overflow-wrap:anywhere}
 figure{margin:0}figcaption{font-size:.85em;color:#555}
 .thumbs{display:flex;flex-wrap:wrap;gap:8px}.thumbs figure{width:110px}
 .note{color:#555;font-size:.9em}.warn{color:#a4201b;font-weight:600}.few{color:#777;font-style:italic}
@@ -71,11 +73,13 @@ def _percent(value, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence], caption: str = "") -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence], caption: str = "", wrap: bool = False) -> str:
+    """A table that scrolls in its own box on a narrow screen; `wrap` for key/value text that should wrap instead."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     note = f"<p class=note>{caption}</p>" if caption else ""
-    return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}"
+    kind = " class=kv" if wrap else ""
+    return f"<div class=scroll><table{kind}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}"
 
 
 def png_data_uri(data: bytes) -> str:
@@ -98,7 +102,7 @@ def _run_section(results: dict, run: dict) -> str:
     rows.append(["classes", _e(", ".join(results["classes"]))])
     rows.append(["folds", _e(", ".join(results["folds"]))])
     rows.append(["test images", _e(results["overall"]["images"])])
-    return _table(["", "value"], rows)
+    return _table(["", "value"], rows, wrap=True)
 
 
 def _spread(values: list[float]) -> str:
@@ -198,7 +202,7 @@ def _landmarks_section(study: dict | None, reports: Path, results: dict) -> str:
                   "knows nothing about the face would score.")
     pictures = _fold_pictures(reports, "landmark_study", results, "dlib points, then each part network's points "
                                                                    "before and after fine-tuning")
-    return text + (f"<div class=figures>{pictures}</div>" if pictures else "")
+    return text + (f"<div class='figures wide'>{pictures}</div>" if pictures else "")
 
 
 def _complexity_section(complexity: dict | None, text: str) -> str:
@@ -247,7 +251,7 @@ def _model_section(model: dict) -> str:
     rows = [[_e(k), f"<code>{_e(v)}</code>"] for k, v in model.items() if v]
     if not rows:
         return "<p>No model was registered or logged by this run (MLflow was off).</p>"
-    return _table(["", "where"], rows)
+    return _table(["", "where"], rows, wrap=True)
 
 
 def render_report(results: dict, reports_dir: str | Path, *, dataset: str, run: dict, complexity: dict | None = None,
@@ -265,7 +269,7 @@ def render_report(results: dict, reports_dir: str | Path, *, dataset: str, run: 
         _section("confusion", _confusion_section(reports, results)),
         _section("gradcam", ("<p class=note>Rows are test images chosen across the classes; columns each part "
                              "network's heat map over the face and its pick.</p>"
-                             f"<div class=figures>{gradcam}</div>") if gradcam else "<p>No Grad-CAM pictures.</p>"),
+                             f"<div class='figures wide'>{gradcam}</div>") if gradcam else "<p>No Grad-CAM pictures.</p>"),
         _section("groups", _groups_section(results.get("groups"))),
         _section("landmarks", _landmarks_section(results.get("landmark_study"), reports, results)),
         _section("complexity", _complexity_section(complexity, complexity_text)),
