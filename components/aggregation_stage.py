@@ -3,20 +3,26 @@
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Markdown, Metrics, Output
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Output
 
 from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def aggregation(folds: List[int], network: str, profile: str, dataset: str, data_uri: str, seed: int,
-                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, reports: Output[Dataset],
-                metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
+                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, fingerprint: str,
+                annotated: Input[Dataset], reports: Output[Dataset], metrics: Output[Metrics],
+                confusion: Output[ClassificationMetrics], report: Output[Markdown], report_html: Output[HTML]) -> str:
     """Returns the MLflow parent run id (empty when mlflow_uri is empty).
 
     Runs after the whole fold loop and reads the planned folds' results from
     <work_uri>/<kfp_run_id>/folds/; a missing fold is an error, never a smaller table.
+    `annotated` (stage 4's dataset) gives the report its data quality section: the
+    manifest keeps every offered image with its reject reason; `fingerprint` names the raw data.
+    `report_html` is the whole run in one self-contained page, shown inline in the run page.
     """
+    import shutil
+
     from ferpipe.console import for_task
     from ferpipe.crossval.report import publish
     from ferpipe.crossval.steps import gather_fold_results
@@ -25,10 +31,11 @@ def aggregation(folds: List[int], network: str, profile: str, dataset: str, data
     with gather_fold_results(work_uri, kfp_run_id, [int(f) for f in folds]) as prediction_dirs:
         outcome = publish(prediction_dirs, reports.path, network=network, profile=profile, dataset=dataset,
                           data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,
-                          kfp_run_id=kfp_run_id)
+                          kfp_run_id=kfp_run_id, fingerprint=fingerprint, dataset_dir=annotated.path)
     for name, value in outcome.accuracy.items():
         metrics.log_metric(f"accuracy_{name}", value)
     confusion.log_confusion_matrix(outcome.classes, outcome.ensemble_confusion)
     with open(report.path, "w") as out:
         out.write(outcome.markdown)
+    shutil.copyfile(outcome.html_path, report_html.path)
     return outcome.mlflow_run_id

@@ -18,16 +18,19 @@ def input_fingerprint(data_uri: str, cache_uri: str) -> str:
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def input_stage(dataset: str, data_uri: str, fingerprint: str, n_folds: int, cache_uri: str, frames: Output[Dataset]):
+def input_stage(dataset: str, data_uri: str, fingerprint: str, n_folds: int, cache_uri: str, frames: Output[Dataset],
+                subject_meta_uri: str = ""):
     """Stage 1: every offered image -> one manifest row; ok rows -> 300x300 gray in 3 channels.
 
-    `fingerprint` is unused here but keys KFP's cache: new data, new key.
+    `fingerprint` is unused here but keys KFP's cache: new data, new key. `subject_meta_uri` (a CSV of
+    per-subject attributes; empty: the dataset's own) joins age, gender, ... into the manifest.
     """
     from ferpipe.console import for_task
     from ferpipe.data.datasets import DatasetOptions
     from ferpipe.preprocess.runner import ingest, stage_metadata, summary
 
     for_task()
-    manifest = ingest(dataset, data_uri, frames.path, options=DatasetOptions(n_folds=n_folds), cache=cache_uri or None)
+    options = DatasetOptions(n_folds=n_folds, subject_meta=subject_meta_uri or None)
+    manifest = ingest(dataset, data_uri, frames.path, options=options, cache=cache_uri or None)
     frames.metadata.update(stage_metadata(manifest), fingerprint=fingerprint)
     print(summary(manifest))

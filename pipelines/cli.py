@@ -53,6 +53,9 @@ def _preprocess_options(parser) -> None:
                        help="skip: record no_face; dlib_hog: try dlib's HOG detector (%(default)s)")
     group.add_argument("--landmarks", default=LANDMARKS.source, choices=LANDMARK_SOURCES,
                        help="dlib, or dataset: CK+'s own landmark files (%(default)s)")
+    group.add_argument("--subjects-meta", default=None, metavar="FILE",
+                       help="CSV of per-subject attributes (a 'subject' or first column, then e.g. age, gender) for "
+                            "accuracy per group; default: a folder dataset's own subjects.csv, if it has one")
 
 
 def _training_options(parser, profile: str) -> None:
@@ -94,6 +97,7 @@ def pipeline_arguments(args) -> dict:
         "seed": args.seed, "n_folds": args.folds, "max_folds": args.max_folds,
         "clahe_clip_limit": args.clahe_clip, "clahe_tile_grid": args.clahe_tiles,
         "detection_confidence": args.confidence, "on_no_face": args.on_no_face, "landmark_source": args.landmarks,
+        "subject_meta_uri": args.subjects_meta or "",
     }
     if args.mlflow_uri is not None:
         values["mlflow_uri"] = args.mlflow_uri
@@ -113,7 +117,7 @@ def _preprocess(args) -> None:
         detection=DetectionSettings(confidence=args.confidence, on_no_face=args.on_no_face),
         landmarks=LandmarkSettings(source=args.landmarks),
     )
-    options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds)
+    options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds, args.subjects_meta)
     manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers,
                               args.cache)
     log.info(summary(manifest, seconds))
@@ -141,6 +145,8 @@ def _train_eval(args) -> None:
     except FileNotFoundError as err:
         raise UserError(f"no manifest at {err.filename or err}") from None
     log.info(f"results: {args.out.rstrip('/')}/results.json (ensemble accuracy {100 * accuracy:.2f}%)")
+    if not args.test_manifest:
+        log.info(f"report:  {args.out.rstrip('/')}/report.html (open it in a browser)")
 
 
 def _complexity(args) -> None:

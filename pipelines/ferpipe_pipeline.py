@@ -2,7 +2,7 @@
 
     fingerprint -> input -> CLAHE -> detection -> landmarks -> fold plan
       for each fold:  augmentation -> train eyebrows, eyes, nose, mouth, jaw (GPU) -> prediction
-    aggregation (after every fold) -> MLflow, Table I, confusion matrix, report
+    aggregation (after every fold) -> MLflow, Table I, confusion matrix, report.md and report.html
 
 Built for the KFP backends teams run, from Kubeflow 1.10's KFP 2.5 on
 (`MIN_BACKEND`; tests/test_backend_compat.py checks the compiled IR against
@@ -123,6 +123,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         landmark_source: str = LANDMARKS.source,
         cache_uri: str = "s3://ferpipe/cache",
         work_uri: str = "s3://ferpipe/work",
+        subject_meta_uri: str = "",
     ) -> str:
         """Train and evaluate a FER ensemble on one dataset, with the dataset's own protocol.
 
@@ -143,11 +144,12 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             landmark_source: dlib, or dataset (CK+'s own landmark files).
             cache_uri: Per-image preprocessing results and trained members, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
             work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: training checkpoints after every epoch (a retried training task resumes from them) and each fold's result for the aggregation.
+            subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
         """
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
         frames = on_cpu_node(input_stage(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
-                                         n_folds=n_folds, cache_uri=cache_uri))
+                                         n_folds=n_folds, cache_uri=cache_uri, subject_meta_uri=subject_meta_uri))
         enhanced = on_cpu_node(clahe_stage(frames=frames.outputs["frames"], clip_limit=clahe_clip_limit,
                                            tile_grid=clahe_tile_grid, cache_uri=cache_uri))
         faces = on_cpu_node(detection_stage(enhanced=enhanced.outputs["enhanced"], confidence=detection_confidence,
@@ -178,7 +180,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         aggregated = on_cpu_node(aggregation(
             folds=plan.outputs["Output"], network=network, profile=profile, dataset=dataset, data_uri=data_uri,
             seed=seed, mlflow_uri=mlflow_uri, experiment=experiment, work_uri=work_uri,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), retry=False).after(predicted)
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, fingerprint=fingerprint.output,
+            annotated=annotated.outputs["annotated"]), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
         return aggregated.outputs["Output"]
 

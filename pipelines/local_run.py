@@ -189,6 +189,9 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
     arguments = {**arguments, "data_uri": data if data.startswith("s3://") else str(Path(data).absolute())}
+    meta = arguments.get("subject_meta_uri") or ""
+    if meta and not meta.startswith("s3://"):  # tasks run in OUT, so a relative path would point nowhere
+        arguments["subject_meta_uri"] = str(Path(meta).absolute())
     arguments.setdefault("mlflow_uri", default_mlflow_uri(out))
     arguments.setdefault("cache_uri", str(out / "cache"))
     arguments.setdefault("work_uri", str(out / "work"))
@@ -224,7 +227,8 @@ def show_outcome(run: LocalRun) -> None:
     for task, (hit, total) in run.cache_summary().items():
         if hit:
             print(f"cache:       {task}: {hit} of {total} reused")
-    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/ensemble.png, gradcam/)")
+    print(f"report:      {run.results / 'report.html'}  (open it in a browser: the whole run on one page)")
+    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/, gradcam/, landmark_study/)")
     print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
     print(f"log:         {run.log}  (every task's full output)")
     print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")

@@ -142,30 +142,46 @@ def test_prediction_and_aggregation_components(chain, trained, tmp_path):
     assert 0 <= fold_metrics.metadata["fold1_accuracy_ensemble"] <= 1
     assert Path(predictions.path, "gradcam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    study = json.loads(Path(predictions.path, "fold.json").read_text())["landmark_study"]
+    assert set(study["members"]) == set(ENSEMBLE_PARTS) and study["images"] == 7
+
     outputs = {kind.__name__: artifact(kind, tmp_path, kind.__name__)
-               for kind in (Dataset, Metrics, ClassificationMetrics, Markdown)}
+               for kind in (Dataset, Metrics, ClassificationMetrics, Markdown, HTML)}
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = aggregation.python_func(
         folds=[1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
-        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="components", work_uri=work,
-        kfp_run_id="run-123", reports=outputs["Dataset"], metrics=outputs["Metrics"],
-        confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"])
+        mlflow_uri=mlflow_uri, experiment="components", work_uri=work, kfp_run_id="run-123",
+        fingerprint=chain["fingerprint"], annotated=chain["annotated"], reports=outputs["Dataset"],
+        metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"],
+        report_html=outputs["HTML"])
     assert len(run_id) == 32
     matrix = outputs["ClassificationMetrics"].metadata["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]][:2] == ["angry", "disgust"]
     assert sum(map(sum, (r["row"] for r in matrix["rows"]))) == 7
+    page = Path(outputs["HTML"].path).read_text()
+    assert page.startswith("<!DOCTYPE html>") and chain["fingerprint"] in page and run_id in page
+    assert page.count('<img src="data:image/png;base64,') >= 6  # five parts' and the ensemble's confusion at least
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    assert "report.html" in {a.path for a in client.list_artifacts(run_id)}
+    metrics = client.get_run(run_id).data.metrics
+    assert {f"landmark_error_after/{slot}" for slot in ENSEMBLE_PARTS} <= set(metrics)
     assert "| EL |" in Path(outputs["Markdown"].path).read_text()
     assert Path(outputs["Dataset"].path, "confusion", "ensemble.png").is_file()
     assert Path(outputs["Dataset"].path, "gradcam", "fold1.png").read_bytes() == Path(predictions.path, "gradcam.png").read_bytes()
     with pytest.raises(ValueError, match=r"no result for folds \[0\]"):  # a fold that never reported is an error
         aggregation.python_func(
             folds=[0, 1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
-            mlflow_uri="", experiment="components", work_uri=work, kfp_run_id="run-123", reports=outputs["Dataset"],
-            metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"])
+            mlflow_uri="", experiment="components", work_uri=work, kfp_run_id="run-123", fingerprint="",
+            annotated=chain["annotated"], reports=outputs["Dataset"], metrics=outputs["Metrics"],
+            confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"], report_html=outputs["HTML"])
     with pytest.raises(ValueError, match="no result"):  # another run's folds are not this run's
         aggregation.python_func(
             folds=[1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
-            mlflow_uri="", experiment="components", work_uri=work, kfp_run_id="run-456", reports=outputs["Dataset"],
-            metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"])
+            mlflow_uri="", experiment="components", work_uri=work, kfp_run_id="run-456", fingerprint="",
+            annotated=chain["annotated"], reports=outputs["Dataset"], metrics=outputs["Metrics"],
+            confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"], report_html=outputs["HTML"])
 
 
 def test_stage_components_run_under_the_local_runner(demo, tmp_path):

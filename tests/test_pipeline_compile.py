@@ -79,7 +79,27 @@ def test_aggregation_waits_for_the_whole_fold_loop(spec):
     tasks = ir["root"]["dag"]["tasks"]
     (loop,) = [k for k, v in tasks.items() if "parameterIterator" in v]
     assert loop in tasks["aggregation"]["dependentTasks"]
-    assert "artifacts" not in tasks["aggregation"].get("inputs", {})  # it lists the run's folds in work_uri
+    # It lists the run's folds in work_uri; its one artifact input is stage 4's dataset, from outside the loop
+    # (the report's data quality).
+    artifacts = tasks["aggregation"].get("inputs", {}).get("artifacts", {})
+    assert {k: v["taskOutputArtifact"]["producerTask"] for k, v in artifacts.items()} == {"annotated": "landmark-stage"}
+
+
+def test_the_run_page_shows_the_preview_confusion_metrics_and_the_report(spec):
+    """What the KFP UI renders inline from a task's outputs, by artifact type (no download needed)."""
+    ir, _ = spec
+    kinds = lambda component: {name: a["artifactType"]["schemaTitle"]  # noqa: E731
+                               for name, a in ir["components"][component]["outputDefinitions"]["artifacts"].items()}
+    assert kinds("comp-landmark-stage")["preview"] == "system.HTML"
+    aggregation = kinds("comp-aggregation")
+    assert aggregation["report_html"] == "system.HTML" and aggregation["report"] == "system.Markdown"
+    assert aggregation["confusion"] == "system.ClassificationMetrics" and aggregation["metrics"] == "system.Metrics"
+    assert kinds("comp-prediction-stage")["metrics"] == "system.Metrics"
+    tasks = ir["root"]["dag"]["tasks"]
+    assert tasks["aggregation"]["inputs"]["parameters"]["fingerprint"]["taskOutputParameter"]["producerTask"] == \
+        "input-fingerprint"
+    assert tasks["input-stage"]["inputs"]["parameters"]["subject_meta_uri"]["componentInputParameter"] == \
+        "subject_meta_uri"
 
 
 def test_gpu_only_for_training(spec):

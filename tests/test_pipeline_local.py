@@ -48,7 +48,7 @@ def check_mlflow_tree(uri: str, parent_id: str, folds: int, synthetic: bool):
         assert len(client.get_metric_history(member.info.run_id, "finetune/val_loss")) >= 1
         assert any(a.path == "model" for a in client.list_artifacts(member.info.run_id))
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"table.md", "report.md", "confusion", "complexity.md", "results.json"} <= artifacts
+    assert {"table.md", "report.md", "report.html", "confusion", "complexity.md", "results.json"} <= artifacts
     return parent
 
 
@@ -77,4 +77,12 @@ def test_london_pipeline(london, tmp_path):
     run = run_locally(tmp_path, dict(data_uri=str(london), dataset="folder", network="el", profile="smoke", max_folds=1))
     results = json.loads((run.results / "results.json").read_text())
     assert results["classes"] == ["happy", "neutral"] and results["overall"]["images"] == 22
-    check_mlflow_tree(run.mlflow_uri, run.mlflow_run_id, folds=1, synthetic=False)
+    # subjects.csv beside the class folders is picked up: accuracy per gender and age band, every image placed.
+    groups = results["groups"]["attributes"]
+    assert sum(g["images"] for g in groups["gender"]) == 22 and {g["group"] for g in groups["gender"]} <= {"female", "male"}
+    assert {g["group"] for g in groups["age"]} <= {"18-24", "25-34", "35-44", "45-54", "55-64", "unknown"}
+    assert set(results["landmark_study"]["members"]) == set(ENSEMBLE_PARTS)
+    page = (run.results / "report.html").read_text()
+    assert "Accuracy per group of people" in page and "female" in page and "18-24" in page
+    parent = check_mlflow_tree(run.mlflow_uri, run.mlflow_run_id, folds=1, synthetic=False)
+    assert "group_images/gender/female" in parent.data.metrics

@@ -22,6 +22,7 @@ from ferpipe.version import code_fingerprint
 TRAINING_CODE = (("ferpipe.model", "ferpipe.data.parts", "ferpipe.crossval.fold_dataset", "ferpipe.crossval.steps"),
                  (("keras",), ("tensorflow", "tensorflow-cpu"), ("numpy",)))
 MEMBER_FILES = ("model.weights.h5", "member.json")
+OPTIONAL_FILES = ("landmarks.weights.npz",)  # only members with a landmark phase have it
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,16 @@ def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_d
     cache = open_store(cache_uri).child("members") if cache_uri else None
     key = member_key(fold_dir, network, slot, profile, seed, dataset) if cache else ""
     if cache is not None and all(cache.exists(f"{key}/{name}") for name in MEMBER_FILES):
-        for name in MEMBER_FILES:
-            (out / name).write_bytes(cache.read_bytes(f"{key}/{name}"))
+        for name in (*OPTIONAL_FILES, *MEMBER_FILES):
+            if name in MEMBER_FILES or cache.exists(f"{key}/{name}"):
+                (out / name).write_bytes(cache.read_bytes(f"{key}/{name}"))
         log.info(f"{network} {slot}: trained member restored from the cache ({key[:12]})")
         return json.loads((out / "member.json").read_text()), True
     from ferpipe.crossval.steps import train_on_fold
 
     summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset, checkpoints=checkpoints)
     if cache is not None:
-        for name in MEMBER_FILES:  # the summary last: its presence marks a complete entry
-            cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())
+        for name in (*OPTIONAL_FILES, *MEMBER_FILES):  # the summary last: its presence marks a complete entry
+            if (out / name).is_file():
+                cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())
     return summary, False

@@ -1,13 +1,24 @@
-"""The aggregate step's publication: results on disk, in MLflow, and as a report for the KFP UI."""
+"""The aggregate step's publication: results on disk, in MLflow, and as reports for the KFP UI.
+
+Two reports: report.md (a short Markdown summary, KFP's Markdown viewer) and
+report.html (everything, self-contained: ferpipe.crossval.html_report). Both
+name the MLflow run, so they are written once the run exists and then logged
+into it, with the metrics a run comparison needs beside the Table I ones:
+accuracy per group of people and the landmark study's errors.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ferpipe import __version__
+from ferpipe.crossval.html_report import write_report
 from ferpipe.crossval.steps import aggregate_folds
 from ferpipe.data.storage import open_store
 from ferpipe.evaluate.scoring import ENSEMBLE, markdown_table, results_table
@@ -23,6 +34,7 @@ class Outcome:
     markdown: str
     results: dict
     mlflow_run_id: str = ""
+    html_path: str = ""
 
 
 def is_synthetic(data_uri: str) -> bool:
@@ -58,14 +70,69 @@ def markdown_report(results: dict, dataset: str, data_uri: str, synthetic: bool,
               "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for name, row in zip(classes, overall["confusion"][ENSEMBLE]):
         lines.append(f"| **{name}** | " + " | ".join(map(str, row)) + " |")
+    lines += _groups_markdown(results.get("groups")) + _study_markdown(results.get("landmark_study"))
+    lines += ["", "The whole run, pictures included: report.html beside this file."]
     if mlflow_run_id:
         lines += ["", f"MLflow parent run: `{mlflow_run_id}`"]
     return "\n".join(lines) + "\n"
 
 
+def _groups_markdown(groups: dict | None) -> list[str]:
+    if not groups or not groups.get("attributes"):
+        return []
+    lines = ["", f"## Ensemble accuracy per group (95% Wilson interval; under {groups['min_images']} images: too few "
+             "to say)", "", "| attribute | group | images | accuracy % | interval % | |", "|---|---|---:|---:|---:|---|"]
+    for attribute, entries in groups["attributes"].items():
+        for g in entries:
+            if g["accuracy"] is None:
+                lines.append(f"| {attribute} | {g['group']} | {g['images']} | {g['verdict']} | | |")
+            else:
+                flag = "**below overall**" if g["verdict"] == "below overall" else ""
+                lines.append(f"| {attribute} | {g['group']} | {g['images']} | {100 * g['accuracy']:.1f} | "
+                             f"{100 * g['low']:.1f}-{100 * g['high']:.1f} | {flag} |")
+    return lines
+
+
+def _study_markdown(study: dict | None) -> list[str]:
+    if not study:
+        return []
+    lines = ["", "## Landmark study: mean absolute error, % of the crop (phase 1's head, before/after fine-tuning)",
+             "", "| member | before | after | mean face |", "|---|---:|---:|---:|"]
+    for slot, m in study["members"].items():
+        lines.append(f"| {slot} | {100 * m['before']:.2f} | {100 * m['after']:.2f} | {100 * m['mean_face']:.2f} |")
+    return lines
+
+
+def _metric_name(text: str) -> str:
+    """MLflow accepts letters, digits, _ - . space and / in metric names ("65+" is not)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
+
+
+def study_metrics(results: dict) -> dict[str, float]:
+    """Accuracy per group and the landmark study's errors as flat MLflow metrics."""
+    metrics = {}
+    for attribute, entries in (results.get("groups") or {}).get("attributes", {}).items():
+        for g in entries:
+            name = _metric_name(f"{attribute}/{g['group']}")
+            metrics[f"group_images/{name}"] = g["images"]
+            if g["accuracy"] is not None:  # too few to say: no number, here either
+                metrics[f"group_accuracy/{name}"] = g["accuracy"]
+                metrics[f"group_accuracy_low95/{name}"] = g["low"]
+    for slot, m in ((results.get("landmark_study") or {}).get("members") or {}).items():
+        for key in ("before", "after", "mean_face"):
+            metrics[f"landmark_error_{key}/{slot}"] = m[key]
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def mlflow_location(mlflow_uri: str) -> str:
+    """The tracking URI without any user:password part, fit to print in a report."""
+    return re.sub(r"//[^/@]*@", "//", mlflow_uri)
+
+
 def publish(prediction_dirs: Sequence[str], out_dir: str, *, network: str, profile: str, dataset: str,
             data_uri: str, seed: int, mlflow_uri: str, experiment: str = EXPERIMENT, kfp_run_id: str = "",
-            kfp_run_name: str = "") -> Outcome:
+            kfp_run_name: str = "", fingerprint: str = "", dataset_dir: str = "") -> Outcome:
+    """Aggregate the folds, log to MLflow, write report.md and report.html (data quality from `dataset_dir`)."""
     from ferpipe.model.complexity import complexity_report
 
     results = aggregate_folds(prediction_dirs, out_dir, network, profile, seed)
@@ -85,9 +152,26 @@ def publish(prediction_dirs: Sequence[str], out_dir: str, *, network: str, profi
                                   complexity)
     markdown = markdown_report(results, dataset, data_uri, synthetic, run_id)
     (Path(out_dir) / "report.md").write_text(markdown)
-    if run_id:  # the report names the run, so it joins the run's artifacts once the run exists
+    run = {"network": network, "profile": profile, "dataset": dataset, "seed": seed, "data": data_uri,
+           "data fingerprint (SHA-256 of the raw files)": fingerprint, "KFP run": kfp_run_id,
+           "KFP run name": kfp_run_name, "MLflow run": run_id, "ferpipe": __version__}
+    model = {}
+    if run_id:
+        where = f"{mlflow_location(mlflow_uri)}, experiment {experiment}"
+        model = {"MLflow parent run": f"{run_id} ({where})",
+                 "trained members": "the parent run's nested runs 'fold K SLOT', artifact 'model' (Keras weights)",
+                 "registered model": "none: this run registers no model in the MLflow registry"}
+    html_path = write_report(results, out_dir, dataset=dataset, run=run, dataset_dir=dataset_dir or None,
+                             model=model, synthetic=synthetic)
+    if run_id:  # the reports name the run, so they join the run's artifacts once the run exists
         from mlflow import MlflowClient
+        from mlflow.entities import Metric
 
-        MlflowClient(mlflow_uri).log_text(run_id, markdown, "report.md")
+        client = MlflowClient(mlflow_uri)
+        client.log_text(run_id, markdown, "report.md")
+        client.log_artifact(run_id, str(html_path))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in study_metrics(results).items()])
     overall = results["overall"]
-    return Outcome(overall["accuracy"], results["classes"], overall["confusion"][ENSEMBLE], markdown, results, run_id)
+    return Outcome(overall["accuracy"], results["classes"], overall["confusion"][ENSEMBLE], markdown, results, run_id,
+                   str(html_path))

@@ -16,18 +16,25 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import keras
+import pandas as pd
 
 from ferpipe.crossval.fold_dataset import load_fold_split, read_fold_info
 from ferpipe.crossval.train_eval import score_fold, write_reports
 from ferpipe.data.storage import Store, open_store
+from ferpipe.data.manifest import read_manifest
+from ferpipe.data.subject_meta import with_subject_meta
 from ferpipe.evaluate.gradcam import gradcam_figure
+from ferpipe.evaluate.groups import group_accuracy
+from ferpipe.evaluate.landmark_study import combine_studies, landmark_study
 from ferpipe.evaluate.scoring import combine_folds
 from ferpipe.model.profiles import Profile, get_profile, on_materialised_copies
 from ferpipe.model.training import (
+    LANDMARK_FILE,
     MODEL_FILE,
     Progress,
     ensemble_members,
     load_member,
+    load_landmark_weights,
     log_progress,
     member_by_slot,
     train_member,
@@ -36,6 +43,8 @@ from ferpipe.model.training import (
 MEMBER_FILE = "member.json"
 FOLD_RESULT = "fold.json"
 GRADCAM_FILE = "gradcam.png"
+LANDMARK_STUDY_FILE = "landmark_study.png"
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies: int = 0) -> Profile:
@@ -69,6 +78,8 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     mirror = checkpoints.child(f"fold{info['fold']}/{slot}") if checkpoints is not None else None
     trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress, mirror)
     trained.model.save_weights(out / MODEL_FILE)
+    if (out / "checkpoint" / LANDMARK_FILE).is_file():  # phase 1's landmark network, for the landmark study
+        shutil.copyfile(out / "checkpoint" / LANDMARK_FILE, out / LANDMARK_FILE)
     summary = {
         "fold": info["fold"], "network": network, "slot": slot, "part": member.part, "seed": member.seed,
         "profile": chosen.name, "input_size": chosen.input_size, "classes": info["classes"],
@@ -99,8 +110,12 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
     result, rows = score_fold(models, test, [m.slot for m in members])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(out / "predictions.csv", index=False)
+    with_subject_meta(rows, read_manifest(fold_dir)).to_csv(out / PREDICTIONS_FILE, index=False)
     gradcam_figure(models, [m.slot for m in members], test, out / GRADCAM_FILE)
+    result["landmark_study"] = landmark_study(
+        {m.slot: m.part for m in members},
+        {m.slot: load_landmark_weights(by_slot[m.slot][0] / LANDMARK_FILE) for m in members},
+        {m.slot: model for m, model in zip(members, models)}, test, out / LANDMARK_STUDY_FILE)
     result = {"fold": info["fold"], "classes": info["classes"], "network": network, "profile": chosen.name,
               "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}
@@ -155,11 +170,22 @@ def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, 
         "network": network, "profile": profile, "seed": seed, "classes": folds[0]["classes"],
         "folds": {str(f["fold"]): {k: v for k, v in f.items() if k != "members"} for f in folds},
         "overall": combine_folds(folds),
+        "groups": group_accuracy(pooled_predictions([d for _, d in by_fold])),
+        "landmark_study": combine_studies([f.get("landmark_study") for f in folds]),
     }
     write_reports(results, out_dir)
-    # Each fold's Grad-CAM picture beside the tables, where people look first (locally OUT/results).
+    # Each fold's pictures beside the tables, where people look first (locally OUT/results).
     for fold, directory in by_fold:
-        if (directory / GRADCAM_FILE).is_file():
-            (Path(out_dir) / "gradcam").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(directory / GRADCAM_FILE, Path(out_dir) / "gradcam" / f"fold{fold['fold']}.png")
+        for name, folder in ((GRADCAM_FILE, "gradcam"), (LANDMARK_STUDY_FILE, "landmark_study")):
+            if (directory / name).is_file():
+                (Path(out_dir) / folder).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(directory / name, Path(out_dir) / folder / f"fold{fold['fold']}.png")
     return results
+
+
+def pooled_predictions(prediction_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """Every fold's per-image predictions in one frame; ids and metadata as text (subject 001 stays 001)."""
+    frames = [pd.read_csv(Path(d) / PREDICTIONS_FILE, dtype=str, keep_default_na=False, na_values=[""])
+              for d in prediction_dirs if (Path(d) / PREDICTIONS_FILE).is_file()]
+    frames = [f.astype(object).where(f.notna(), None) for f in frames]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["subject", "label", "ensemble"])

@@ -6,8 +6,10 @@ subjects, score. RUN_DIR receives:
     results.json                 per fold and overall accuracy of each sub-network and the ensemble, wall times
     table.csv, table.md          the run's row of the paper's Table I (accuracy in %)
     confusion/<name>.png|.csv    confusion matrices summed over folds, per sub-network and the ensemble
-    predictions/fold<k>.csv      every test image: true label, each member's and the ensemble's pick
+    predictions/fold<k>.csv      every test image: true label, each member's and the ensemble's pick, subject metadata
     gradcam/fold<k>.png          where each member looks (Grad-CAM) on a few of the fold's test images
+    landmark_study/fold<k>.png   landmarks predicted before and after fine-tuning (the paper's figure 10)
+    report.html                  all of it in one self-contained page (ferpipe.crossval.html_report)
     checkpoints/fold<k>/<slot>/  training state; a rerun with the same RUN_DIR resumes where it stopped
 
 `score_fold` and `write_reports` are what the pipeline's prediction and
@@ -30,12 +32,16 @@ import pandas as pd
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ferpipe.console import progress_bar
+from ferpipe.crossval.html_report import manifest_fingerprint, write_report
 from ferpipe.data.folds import TRAIN_ONLY, fold_ids, split_fold
 from ferpipe.data.manifest import OK, read_manifest
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.data.storage import Store, atomic_write, open_store
+from ferpipe.data.subject_meta import with_subject_meta
 from ferpipe.errors import UserError
 from ferpipe.evaluate.gradcam import gradcam_figure
+from ferpipe.evaluate.groups import group_accuracy
+from ferpipe.evaluate.landmark_study import combine_studies, landmark_study
 from ferpipe.evaluate.scoring import (
     ENSEMBLE,
     combine_folds,
@@ -175,18 +181,20 @@ def train_eval(
         "classes": list(classes), "seed": seed, "folds": {}, "overall": None, "wall_seconds": None,
     }
     tasks, done = len(chosen) * len(members), 0
+    tested = []  # every fold's per-image predictions, for accuracy per group
     bar = _TrainingBar(tasks, progress)
     with logging_redirect_tqdm():
         for fold in chosen:
             fold_started = time.perf_counter()
             data = split_examples(examples, manifest, fold, profile, seed)
-            models, seconds = [], {}
+            models, seconds, landmark_weights = [], {}, {}
             for member in members:
                 member_started = time.perf_counter()
                 checkpoint = out / "checkpoints" / f"fold{fold}" / member.slot
                 trained = train_member(member, data.train, data.val, profile, checkpoint, bar.epoch)
                 seconds[member.slot] = round(time.perf_counter() - member_started, 3)
                 models.append(trained.model)
+                landmark_weights[member.slot] = trained.landmark_weights
                 done += 1
                 bar.member_done()
                 elapsed = time.perf_counter() - started
@@ -194,8 +202,13 @@ def train_eval(
                          f"(train {len(data.train)}, val {len(data.val)}); elapsed {elapsed:.0f}s, "
                          f"eta {elapsed / done * (tasks - done):.0f}s")
             result, rows = score_fold(models, data.test, [m.slot for m in members])
+            rows = with_subject_meta(rows, manifest)
             rows.to_csv(out / "predictions" / f"fold{fold}.csv", index=False)
+            tested.append(rows)
             gradcam_figure(models, [m.slot for m in members], data.test, out / "gradcam" / f"fold{fold}.png")
+            result["landmark_study"] = landmark_study(
+                {m.slot: m.part for m in members}, landmark_weights, dict(zip([m.slot for m in members], models)),
+                data.test, out / "landmark_study" / f"fold{fold}.png")
             result.update(train_seconds=seconds, wall_seconds=round(time.perf_counter() - fold_started, 3),
                           train_images=len(data.train), val_images=len(data.val))
             results["folds"][str(fold)] = result
@@ -205,8 +218,16 @@ def train_eval(
             del models
     bar.close()
     results["overall"] = combine_folds(list(results["folds"].values()))
+    results["groups"] = group_accuracy(pd.concat(tested, ignore_index=True))
+    results["landmark_study"] = combine_studies([f["landmark_study"] for f in results["folds"].values()])
     results["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_reports(results, out)
+    run = {"network": network, "profile": profile.name, "dataset": dataset or "", "seed": seed,
+           "data (preprocessed)": store.uri, "data fingerprint (SHA-256 of the manifest's image hashes)":
+           manifest_fingerprint(manifest), "run directory": str(out.absolute())}
+    model = {"trained members": f"{out.absolute()}/checkpoints/fold<K>/<slot>/model.weights.h5",
+             "registered model": "none: train-eval registers no model"}
+    write_report(results, out, dataset=dataset or Path(str(store.uri)).name, run=run, dataset_dir=store, model=model)
     shown = " ".join(f"{k} {100 * v:.2f}" for k, v in results["overall"]["accuracy"].items())
     log.info(f"{network} overall accuracy % {shown}; {results['wall_seconds']:.0f}s; results in {out}")
     return results

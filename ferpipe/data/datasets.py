@@ -16,6 +16,7 @@ from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, r
 from ferpipe.data.adapters.jaffe import list_jaffe
 from ferpipe.data.adapters.sfew import list_sfew
 from ferpipe.data.storage import LocalStore, Store, open_store
+from ferpipe.data.subject_meta import find_subject_meta
 from ferpipe.errors import UserError
 
 DATASETS = ("ckplus", "jaffe", "sfew", "folder")
@@ -26,6 +27,8 @@ class DatasetOptions:
     subject_pattern: str = DEFAULT_SUBJECT_PATTERN
     subjects_csv: str | None = None
     n_folds: int = 10
+    # A CSV of per-subject attributes (ferpipe.data.subject_meta); None: the dataset's own, if it has one.
+    subject_meta: str | None = None
 
 
 def open_source(data: str) -> Store:
@@ -33,6 +36,13 @@ def open_source(data: str) -> Store:
     if isinstance(store, LocalStore) and not store.root.is_dir():
         raise UserError(f"data folder not found: {data}")
     return store
+
+
+def subject_meta_uri(dataset: str, source: Store, options: DatasetOptions) -> str | None:
+    """The subject metadata to join: the one asked for, else a folder dataset's own `subjects.csv`."""
+    if options.subject_meta:
+        return options.subject_meta
+    return find_subject_meta(source) if dataset == "folder" else None
 
 
 def inventory(dataset: str, source: Store, options: DatasetOptions = DatasetOptions()) -> Inventory:

@@ -55,6 +55,9 @@ from ferpipe.model.profiles import NETWORK_TYPES, Profile
 PHASES = {"baseline": ("direct",), "ftl": ("landmarks", "head", "finetune"), "el": ("landmarks", "head", "finetune")}
 STATE_FILE = "state.json"
 MODEL_FILE = "model.weights.h5"
+# Phase 1's best landmark network (extractor + landmark head) as arrays w0..wN, kept beside the member:
+# the landmark study (ferpipe.evaluate.landmark_study) puts this head back on the fine-tuned extractor.
+LANDMARK_FILE = "landmarks.weights.npz"
 
 Progress = Callable[[str], None]  # receives a line per epoch (and on resuming)
 log = logging.getLogger(__name__)
@@ -99,6 +102,7 @@ class TrainedMember:
     model: keras.Model  # the sub-network: extractor + classification head
     history: list[dict] = field(default_factory=list)  # one row per epoch, all phases
     seconds: float = 0.0  # time spent in epochs (training + validation), summed over resumed runs
+    landmark_weights: list | None = None  # phase 1's landmark network weights; None without a landmark phase
 
 
 def log_progress(line: str) -> None:
@@ -406,11 +410,13 @@ def train_member(
     result = build_subnetwork(extractor, classes, name=member.name)
     if run.state["complete"]:
         result.load_weights(run.path(MODEL_FILE))
-        return TrainedMember(member, result, run.state["history"], run.state["seconds"])
+        return TrainedMember(member, result, run.state["history"], run.state["seconds"],
+                             load_landmark_weights(run.path(LANDMARK_FILE)))
 
     bench = _workbench(profile.input_size, classes, profile.bn_momentum)
     extractor_weights = extractor_of(result).get_weights()
     head_weights: list = []
+    landmark_weights = None
     for index, phase in enumerate(member.phases):
         # Each phase's new head has its own seed, so a resumed run builds the same heads.
         head_seed = member.seed * 16 + index + 1
@@ -432,14 +438,27 @@ def train_member(
         extractor_weights = extractor_of(model).get_weights()
         if phase != "landmarks":
             head_weights = head_of(model).get_weights()
+        else:
+            landmark_weights = model.get_weights()
 
     extractor_of(result).set_weights(extractor_weights)
     head_of(result).set_weights(head_weights)
+    if landmark_weights is not None:
+        with atomic_path(run.path(LANDMARK_FILE)) as tmp:
+            np.savez(tmp, **{f"w{i}": w for i, w in enumerate(landmark_weights)})
     with atomic_path(run.path(MODEL_FILE)) as tmp:  # the weights file a finished member is handed on as
         result.save_weights(tmp)
     run.state["complete"] = True
     run.save_state()
-    return TrainedMember(member, result, run.state["history"], run.state["seconds"])
+    return TrainedMember(member, result, run.state["history"], run.state["seconds"], landmark_weights)
+
+
+def load_landmark_weights(path: str | os.PathLike) -> list | None:
+    """The arrays `LANDMARK_FILE` holds, in the landmark network's weight order; None if there is no file."""
+    if not Path(path).is_file():
+        return None
+    with np.load(path) as arrays:
+        return [arrays[f"w{i}"] for i in range(len(arrays.files))]
 
 
 def load_member(member: Member, classes: int, input_size: int, weights: str | os.PathLike) -> keras.Model:

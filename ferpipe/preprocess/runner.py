@@ -20,9 +20,10 @@ import pandas as pd
 from ferpipe.console import progress_bar
 from ferpipe.data import folds
 from ferpipe.data.adapters import Offer, image_id
-from ferpipe.data.datasets import DatasetOptions, inventory, open_source
+from ferpipe.data.datasets import DatasetOptions, inventory, open_source, subject_meta_uri
 from ferpipe.data.manifest import OK, empty_row, read_manifest, status_counts, write_manifest
 from ferpipe.data.storage import Store, open_store
+from ferpipe.data.subject_meta import join_subject_meta, load_subject_meta
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess.cache import ImageCache
 from ferpipe.preprocess.chain import STAGE_ORDER, PreprocessSettings, StageTools, run_stages
@@ -147,6 +148,8 @@ def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = Pre
         raise ValueError("ingest starts at the input stage")
     source = open_source(data)
     found = inventory(dataset, source, options)
+    meta_uri = subject_meta_uri(dataset, source, options)  # who the subjects are, for accuracy per group
+    meta = load_subject_meta(meta_uri) if meta_uri else None  # read first: a bad CSV fails before the work
     out_store = open_store(out)
     records = [offer_record(o, source) for o in found.offers]
     rows, hits = run_records(records, names, settings, out_store, source=source, workers=workers,
@@ -155,6 +158,7 @@ def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = Pre
     manifest.attrs["cache_hits"] = hits
     manifest["fold"] = folds.assign_folds(manifest, found.protocol, options.n_folds)
     manifest.attrs["notes"] = found.notes
+    manifest = join_subject_meta(manifest, meta)
     write_manifest(manifest, out_store)
     return manifest
 
@@ -195,6 +199,8 @@ def summary(manifest: pd.DataFrame, seconds: float | None = None) -> str:
     for note, n in manifest.attrs.get("notes", {}).items():
         if n:
             lines.append(f"{note}: {n}")
+    if meta := manifest.attrs.get("subject_meta"):
+        lines.append(f"subject metadata: {', '.join(meta['attributes'])} ({len(meta['unmatched'])} subjects without)")
     folds_with_tests = folds.fold_ids(manifest)
     lines.append(f"folds: {len(folds_with_tests)} (subjects: {manifest['subject'].nunique()})")
     if manifest.attrs.get("cache_hits"):
