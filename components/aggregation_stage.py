@@ -10,8 +10,8 @@ from components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def aggregation(folds: List[int], network: str, profile: str, dataset: str, data_uri: str, seed: int,
-                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, reports: Output[Dataset],
-                metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
+                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, kfp_run_name: str,
+                reports: Output[Dataset], metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
     """Returns the MLflow parent run id (empty when mlflow_uri is empty).
 
     Runs after the whole fold loop and reads the planned folds' results from
@@ -25,7 +25,7 @@ def aggregation(folds: List[int], network: str, profile: str, dataset: str, data
     with gather_fold_results(work_uri, kfp_run_id, [int(f) for f in folds]) as prediction_dirs:
         outcome = publish(prediction_dirs, reports.path, network=network, profile=profile, dataset=dataset,
                           data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,
-                          kfp_run_id=kfp_run_id)
+                          kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name)
     for name, value in outcome.accuracy.items():
         metrics.log_metric(f"accuracy_{name}", value)
     confusion.log_confusion_matrix(outcome.classes, outcome.ensemble_confusion)

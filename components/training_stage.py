@@ -8,14 +8,20 @@ from components.images import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def training_stage(fold_data: Input[Dataset], network: str, slot: str, profile: str, dataset: str, seed: int,
-                   cache_uri: str, model: Output[Model]):
+                   cache_uri: str, mlflow_uri: str, experiment: str, kfp_run_id: str, model: Output[Model]):
     """Member `slot` (eyebrows, eyes, nose, mouth or jaw) of `network`: transfer learning in three phases
-    (el, ftl) or direct training (baseline), early stopping on the validation subjects."""
+    (el, ftl) or direct training (baseline), early stopping on the validation subjects.
+    Its MLflow run hears every epoch as it ends (needs only the tracking URI, see ferpipe/crossval/tracking.py)."""
     from ferpipe.console import for_task
+    from ferpipe.crossval.fold_dataset import read_fold_info
     from ferpipe.crossval.member_cache import train_or_restore
+    from ferpipe.crossval.tracking import MemberLog
 
     for_task()
-    summary, cached = train_or_restore(fold_data.path, network, slot, profile, model.path, seed, dataset, cache_uri)
+    live = MemberLog(mlflow_uri, experiment, kfp_run_id, read_fold_info(fold_data.path)["fold"], network, slot)
+    summary, cached = train_or_restore(fold_data.path, network, slot, profile, model.path, seed, dataset, cache_uri,
+                                       on_epoch=live.on_epoch)
+    live.finish(summary, model.path)
     model.metadata.update({k: v for k, v in summary.items() if k not in ("history", "classes")})
     model.metadata["cached"] = cached
     model.metadata["framework"] = "keras"

@@ -11,10 +11,14 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ferpipe.crossval.fold_dataset import read_fold_info
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.storage import open_store
+
+if TYPE_CHECKING:  # importing training imports TensorFlow, which a cache hit must not pay for
+    from ferpipe.model.training import EpochHook
 
 CACHE_VERSION = 1
 MEMBER_FILES = ("model.weights.h5", "member.json")
@@ -33,8 +37,12 @@ def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, 
 
 
 def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                     dataset: str | None = None, cache_uri: str = "") -> tuple[dict, bool]:
-    """(member summary, whether it came from the cache); trains and fills the cache on a miss."""
+                     dataset: str | None = None, cache_uri: str = "",
+                     on_epoch: EpochHook | None = None) -> tuple[dict, bool]:
+    """(member summary, whether it came from the cache); trains and fills the cache on a miss.
+
+    `on_epoch` hears every epoch trained here (none on a hit: the summary carries the history).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = open_store(cache_uri).child("members") if cache_uri else None
@@ -46,7 +54,7 @@ def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_d
         return json.loads((out / "member.json").read_text()), True
     from ferpipe.crossval.steps import train_on_fold
 
-    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset)
+    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset, on_epoch=on_epoch)
     if cache is not None:
         for name in MEMBER_FILES:  # the summary last: its presence marks a complete entry
             cache.write_bytes(f"{key}/{name}", (out / name).read_bytes())

@@ -25,6 +25,7 @@ from ferpipe.evaluate.scoring import combine_folds
 from ferpipe.model.profiles import Profile, get_profile, on_materialised_copies
 from ferpipe.model.training import (
     MODEL_FILE,
+    EpochHook,
     Progress,
     ensemble_members,
     load_member,
@@ -44,7 +45,8 @@ def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies:
 
 
 def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                  dataset: str | None = None, progress: Progress = log_progress) -> dict:
+                  dataset: str | None = None, progress: Progress = log_progress,
+                  on_epoch: EpochHook | None = None) -> dict:
     """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json."""
     info = read_fold_info(fold_dir)
     chosen = pipeline_profile(profile, dataset, info["copies"])
@@ -54,7 +56,7 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress)
+    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress, on_epoch)
     trained.model.save_weights(out / MODEL_FILE)
     summary = {
         "fold": info["fold"], "network": network, "slot": slot, "part": member.part, "seed": member.seed,
@@ -92,9 +94,6 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
               "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}
     (out / FOLD_RESULT).write_text(json.dumps(result, indent=1))
-    for m in members:  # the aggregate step logs each member's model to MLflow from here
-        (out / "members" / m.slot).mkdir(parents=True, exist_ok=True)
-        (out / "members" / m.slot / MODEL_FILE).write_bytes((by_slot[m.slot][0] / MODEL_FILE).read_bytes())
     keras.backend.clear_session()
     return result
 
