@@ -10,8 +10,9 @@ from components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def aggregation(folds: List[int], network: str, profile: str, dataset: str, data_uri: str, seed: int,
-                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, kfp_run_name: str,
-                reports: Output[Dataset], metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown]) -> str:
+                mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, reports: Output[Dataset],
+                metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown],
+                kfp_run_name: str = "") -> str:
     """Returns the MLflow parent run id (empty when mlflow_uri is empty).
 
     Runs after the whole fold loop and reads the planned folds' results from

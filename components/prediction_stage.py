@@ -9,8 +9,8 @@ from components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def prediction_stage(fold_data: Input[Dataset], eyebrows: Input[Model], eyes: Input[Model], nose: Input[Model],
                      mouth: Input[Model], jaw: Input[Model], network: str, profile: str, dataset: str, seed: int,
-                     work_uri: str, kfp_run_id: str, mlflow_uri: str, experiment: str, predictions: Output[Dataset],
-                     metrics: Output[Metrics]):
+                     work_uri: str, kfp_run_id: str, predictions: Output[Dataset], metrics: Output[Metrics],
+                     mlflow_uri: str = "", experiment: str = "ferpipe"):
     """Each member's softmax, summed class-wise, argmax; every member's own pick beside it.
 
     The five members arrive as five named inputs, not a collected list, which KFP backends before

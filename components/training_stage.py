@@ -8,7 +8,8 @@ from components.images import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def training_stage(fold_data: Input[Dataset], network: str, slot: str, profile: str, dataset: str, seed: int,
-                   cache_uri: str, mlflow_uri: str, experiment: str, kfp_run_id: str, model: Output[Model]):
+                   cache_uri: str, model: Output[Model], mlflow_uri: str = "", experiment: str = "ferpipe",
+                   kfp_run_id: str = ""):
     """Member `slot` (eyebrows, eyes, nose, mouth or jaw) of `network`: transfer learning in three phases
     (el, ftl) or direct training (baseline), early stopping on the validation subjects.
     Its MLflow run hears every epoch as it ends (needs only the tracking URI, see ferpipe/crossval/tracking.py)."""
