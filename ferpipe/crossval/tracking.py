@@ -25,13 +25,15 @@ aggregation step, which must succeed, completes what is missing from the fold
 results (each member's summary and history travel with them).
 
 Local runs keep MLflow in one SQLite file, which two training tasks write at
-once. SQLite takes one writer at a time and MLflow's SQLAlchemy store answers
-a busy file with "database is locked" after a 5 s wait, so every call here holds
-an exclusive `flock` on `<db>.lock` for sqlite URIs: writes are serialised
-across processes (a call takes milliseconds), never retried.
+once. SQLite takes one writer at a time, and a writer that waits more than
+pysqlite's 5 s busy timeout fails with "database is locked"; creating MLflow's
+schema in a new file holds the write lock for ~30 s on a busy 2-core machine.
+So every call here holds an exclusive `flock` on `<db>.lock` for sqlite URIs:
+writes are serialised across processes (a call takes milliseconds) rather than
+retried, and correctness never rests on that timeout.
 
 Artifacts go through the tracking server (`mlflow server --artifacts-destination`):
-a task needs MLFLOW tracking URI only, no S3 credentials.
+a task needs only the tracking URI, no S3 credentials.
 """
 
 from __future__ import annotations
