@@ -12,7 +12,8 @@ from components.images import CPU_IMAGE
 def aggregation(folds: List[int], network: str, profile: str, dataset: str, data_uri: str, seed: int,
                 mlflow_uri: str, experiment: str, work_uri: str, kfp_run_id: str, fingerprint: str,
                 annotated: Input[Dataset], reports: Output[Dataset], metrics: Output[Metrics],
-                confusion: Output[ClassificationMetrics], report: Output[Markdown], report_html: Output[HTML]) -> str:
+                confusion: Output[ClassificationMetrics], report: Output[Markdown], report_html: Output[HTML],
+                kfp_run_name: str = "") -> str:
     """Returns the MLflow parent run id (empty when mlflow_uri is empty).
 
     Runs after the whole fold loop and reads the planned folds' results from
@@ -31,7 +32,8 @@ def aggregation(folds: List[int], network: str, profile: str, dataset: str, data
     with gather_fold_results(work_uri, kfp_run_id, [int(f) for f in folds]) as prediction_dirs:
         outcome = publish(prediction_dirs, reports.path, network=network, profile=profile, dataset=dataset,
                           data_uri=data_uri, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment,
-                          kfp_run_id=kfp_run_id, fingerprint=fingerprint, dataset_dir=annotated.path)
+                          kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name, fingerprint=fingerprint,
+                          dataset_dir=annotated.path)
     for name, value in outcome.accuracy.items():
         metrics.log_metric(f"accuracy_{name}", value)
     confusion.log_confusion_matrix(outcome.classes, outcome.ensemble_confusion)

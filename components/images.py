@@ -72,9 +72,15 @@ GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
-# The Kubernetes Secret holding MinIO/MLflow credentials; its keys become environment variables.
+# The Kubernetes Secret holding the object store's credentials; these keys become the tasks' environment.
+# What a pipeline pod needs, and why:
+#   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, FERPIPE_S3_ENDPOINT  ferpipe's own S3 data: the dataset,
+#       the caches, <work_uri>/<run id>/ (every task but the MLflow start step, which reads only params.json)
+#   the tracking URI                       a pipeline parameter (mlflow_uri), not a secret; nothing else for
+#       MLflow: the server proxies artifacts to S3 (--artifacts-destination), so MLFLOW_S3_ENDPOINT_URL is
+#       needed by the MLflow server's pod only (k8s/base/mlflow.yaml), no longer by tasks.
 STORAGE_SECRET = "ferpipe-storage"
-STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL")
+STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3_ENDPOINT")
 
 
 if __name__ == "__main__":  # `python -m components.images cpu` prints the reference `make images` builds

@@ -1,5 +1,6 @@
 """The ferpipe DAG: stages 1-4 once, then per fold augmentation, five trainings, prediction; then aggregation.
 
+    start MLflow run (beside stages 1-4; the fold plan waits for it)
     fingerprint -> input -> CLAHE -> detection -> landmarks -> fold plan
       for each fold:  augmentation -> train eyebrows, eyes, nose, mouth, jaw (GPU) -> prediction
     aggregation (after every fold) -> MLflow, Table I, confusion matrix, report.md and report.html
@@ -38,6 +39,7 @@ from components.images import GPU_NODE_LABEL, GPU_RESOURCE, GPU_TOLERATION, STOR
 from components.input_stage import input_fingerprint, input_stage
 from components.landmark_stage import landmark_stage
 from components.prediction_stage import prediction_stage
+from components.tracking_start import tracking_start
 from components.training_stage import training_stage
 from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
@@ -47,6 +49,9 @@ from ferpipe.preprocess.landmarks import LandmarkSettings
 
 PIPELINE_NAME = "ferpipe"
 MIN_BACKEND = "2.5.0"  # the oldest KFP backend this DAG runs on; README and `ferpipe submit` say the same
+
+# The KFP run's id (keys the shared fold results and the MLflow runs) and its name (recorded in MLflow).
+RUN_ID, RUN_NAME = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 
 CLAHE, DETECTION, LANDMARKS = ClaheSettings(), DetectionSettings(), LandmarkSettings()
 
@@ -59,7 +64,7 @@ STAGE_RETRIES = dict(num_retries=2, backoff_duration="30s", backoff_factor=2.0, 
 
 
 def with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MinIO/MLflow credentials from the Kubernetes Secret, as environment variables; never parameters."""
+    """Object-store credentials from the Kubernetes Secret, as environment variables; never parameters."""
     return kubernetes.use_secret_as_env(task, secret_name=STORAGE_SECRET,
                                         secret_key_to_env={key: key for key in STORAGE_SECRET_KEYS})
 
@@ -74,7 +79,7 @@ def on_gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def on_cpu_node(task: dsl.PipelineTask, cpu: str = "2", memory: str = "4G", retry: bool = True) -> dsl.PipelineTask:
-    with_storage_secret(task)  # data, cache and MLflow artifacts live in the object store
+    with_storage_secret(task)  # data and caches live in the object store (MLflow's artifacts go via its server)
     task.set_cpu_request(cpu).set_memory_request(memory)
     return task.set_retry(**STAGE_RETRIES) if retry else task
 
@@ -135,7 +140,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             seed: Seed for validation splits, augmentation and weights; the same seed repeats a run.
             n_folds: Folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, SFEW train/val.
             max_folds: Train only the first N folds (0 = all), for quick checks.
-            mlflow_uri: MLflow tracking server; empty to skip MLflow.
+            mlflow_uri: MLflow tracking server (it proxies artifacts: tasks need no S3 keys for it); empty to skip MLflow.
             experiment: MLflow experiment name.
             clahe_clip_limit: CLAHE clip limit (the paper gives none; 2.0 is common).
             clahe_tile_grid: CLAHE tiles per side.
@@ -146,6 +151,13 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: training checkpoints after every epoch (a retried training task resumes from them) and each fold's result for the aggregation.
             subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
         """
+        # The MLflow parent run exists before any task that nests a run in it (the fold plan waits for it);
+        # never cached, since each KFP run has its own parent run. Needs only the tracking URI (and the data
+        # store, to tell synthetic data): the server proxies artifacts to S3.
+        started = on_cpu_node(tracking_start(mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID,
+                                             kfp_run_name=RUN_NAME, dataset=dataset, network=network, profile=profile,
+                                             data_uri=data_uri, seed=seed), cpu="500m", memory="1G")
+        started.set_display_name("start MLflow run").set_caching_options(False)
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
         frames = on_cpu_node(input_stage(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
@@ -156,7 +168,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                                             on_no_face=on_no_face, cache_uri=cache_uri))
         annotated = on_cpu_node(landmark_stage(faces=faces.outputs["faces"], source=landmark_source,
                                                cache_uri=cache_uri))
-        plan = on_cpu_node(fold_plan(annotated=annotated.outputs["annotated"], max_folds=max_folds))
+        plan = on_cpu_node(fold_plan(annotated=annotated.outputs["annotated"], max_folds=max_folds)).after(started)
 
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism) as fold:
             augmented = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=fold,
@@ -165,8 +177,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             for part in ENSEMBLE_PARTS:
                 trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
                                                      slot=part, profile=profile, dataset=dataset, seed=seed,
-                                                     cache_uri=cache_uri, work_uri=work_uri,
-                                                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+                                                     cache_uri=cache_uri, work_uri=work_uri, mlflow_uri=mlflow_uri,
+                                                     experiment=experiment, kfp_run_id=RUN_ID))
                 trained.set_display_name(f"train {part}")
                 if len(trainings) >= trainings_per_fold:  # a GPU budget: wait for the chain's previous task
                     trained.after(trainings[-trainings_per_fold])
@@ -174,13 +186,14 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                 models[part] = trained.outputs["model"]
             predicted = on_cpu_node(prediction_stage(fold_data=augmented.outputs["fold_data"], **models,
                                                      network=network, profile=profile, dataset=dataset, seed=seed,
-                                                     work_uri=work_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+                                                     work_uri=work_uri, kfp_run_id=RUN_ID, mlflow_uri=mlflow_uri,
+                                                     experiment=experiment))
             predicted.set_caching_options(False)  # it must write this run's fold result under this run's id
 
         aggregated = on_cpu_node(aggregation(
             folds=plan.outputs["Output"], network=network, profile=profile, dataset=dataset, data_uri=data_uri,
             seed=seed, mlflow_uri=mlflow_uri, experiment=experiment, work_uri=work_uri,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, fingerprint=fingerprint.output,
+            kfp_run_id=RUN_ID, kfp_run_name=RUN_NAME, fingerprint=fingerprint.output,
             annotated=annotated.outputs["annotated"]), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
         return aggregated.outputs["Output"]

@@ -111,13 +111,35 @@ def seaweedfs(workdir: Path, buckets: tuple[str, ...] = ("ferpipe",)):
 
 
 @contextmanager
-def mlflow_server(workdir: Path, artifacts: str, env: dict[str, str] | None = None):
-    """A real MLflow tracking server on SQLite, its artifacts at `artifacts` (e.g. s3://mlflow)."""
+def postgres(workdir: Path, database: str = "mlflow"):
+    """A real PostgreSQL 16 (the pgserver wheel) on a unix socket in `workdir`; yields the database's URI.
+
+    No TCP port at all (pgserver listens on no IP address), so parallel test runs cannot collide;
+    trust authentication, so no password exists to leak.
+    """
+    import pgserver
+
+    server = pgserver.get_server(workdir, cleanup_mode="stop")
+    try:
+        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+        if "(1 row)" not in exists:
+            server.psql(f"CREATE DATABASE {database};")
+        # Name the driver: SQLAlchemy 2.1 takes a bare postgresql:// as psycopg 3, 2.0 as psycopg2.
+        yield server.get_uri(database).replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        server.cleanup()
+
+
+@contextmanager
+def mlflow_server(workdir: Path, artifacts: str, env: dict[str, str] | None = None, backend: str = "",
+                  workers: int = 1):
+    """A real MLflow tracking server on `backend` (default: SQLite in workdir), its artifacts proxied to
+    `artifacts` (e.g. s3://mlflow), so clients need only its URI."""
     port = free_ports(1)[0]
     log = workdir / "mlflow.log"
     server_env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    args = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", artifacts]
+    args = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+            "--backend-store-uri", backend or f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", artifacts]
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=server_env,
                                    start_new_session=True)

@@ -20,6 +20,7 @@ from components.fold_plan import fold_plan
 from components.input_stage import input_fingerprint, input_stage
 from components.landmark_stage import landmark_stage
 from components.prediction_stage import prediction_stage
+from components.tracking_start import tracking_start
 from components.training_stage import training_stage
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.parts import ENSEMBLE_PARTS
@@ -96,16 +97,44 @@ def test_augmentation_keeps_subjects_apart(chain):
 
 
 @pytest.fixture(scope="module")
-def trained(chain, tmp_path_factory):
+def tracking_uri(tmp_path_factory):
+    """MLflow as `ferpipe run` keeps it: one SQLite file; the start step's parent run for KFP run run-123."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    parent = tracking_start.python_func(mlflow_uri=uri, experiment="components", kfp_run_id="run-123",
+                                        kfp_run_name="components test", dataset="jaffe", network="el",
+                                        profile="smoke", data_uri="", seed=0)
+    assert len(parent) == 32
+    return uri
+
+
+@pytest.fixture(scope="module")
+def trained(chain, tracking_uri, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     models = []
     for slot in ENSEMBLE_PARTS:
         model = artifact(Model, root, slot)
         training_stage.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke", dataset="jaffe",
                                    seed=0, cache_uri=str(root / "cache"), work_uri=str(root / "work"),
-                                   kfp_run_id="run-1", model=model)
+                                   kfp_run_id="run-123", model=model, mlflow_uri=tracking_uri,
+                                   experiment="components")
         models.append(model)
     return models
+
+
+def test_training_component_logs_every_epoch_to_its_member_run(trained, tracking_uri):
+    from mlflow import MlflowClient
+
+    from ferpipe.crossval.tracking import Tracking
+
+    tracking, client = Tracking(tracking_uri, "components", "run-123"), MlflowClient(tracking_uri)
+    summary = json.loads(Path(trained[0].path, "member.json").read_text())
+    run = client.get_run(tracking.member_run(1, "eyebrows", "el"))
+    assert run.info.status == "FINISHED" and run.data.tags["fold"] == "1" and run.data.params["slot"] == "eyebrows"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "finetune/val_loss")]
+    finetune = [step for step, row in enumerate(summary["history"], start=1) if row["phase"] == "finetune"]
+    assert steps == finetune  # each finetune epoch once, at its place in the whole history
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.weights.h5",
+                                                                                  "model/member.json"}
 
 
 def test_training_component_writes_a_model_and_its_history(trained):
@@ -115,7 +144,7 @@ def test_training_component_writes_a_model_and_its_history(trained):
     assert summary["slot"] == "eyebrows" and summary["part"] == "eyebrows"
     assert [row["phase"] for row in summary["history"]][:1] == ["landmarks"]
     assert model.metadata["cached"] is False and model.metadata["fold"] == 1
-    mirror = Path(model.path).parent / "work" / "run-1" / "checkpoints" / "fold1" / "eyebrows"
+    mirror = Path(model.path).parent / "work" / "run-123" / "checkpoints" / "fold1" / "eyebrows"
     state = json.loads((mirror / "state.json").read_text())  # the checkpoint a retry would resume from
     assert state["complete"] and (mirror / "model.weights.h5").is_file()
 
@@ -129,13 +158,14 @@ def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
     assert Path(again.path, "model.weights.h5").read_bytes() == Path(trained[0].path, "model.weights.h5").read_bytes()
 
 
-def test_prediction_and_aggregation_components(chain, trained, tmp_path):
+def test_prediction_and_aggregation_components(chain, trained, tracking_uri, tmp_path):
     predictions = artifact(Dataset, tmp_path, "predictions")
     fold_metrics = artifact(Metrics, tmp_path, "fold_metrics")
     work = str(tmp_path / "work")
     prediction_stage.python_func(fold_data=chain["fold"], **dict(zip(ENSEMBLE_PARTS, trained)), network="el",
                                  profile="smoke", dataset="jaffe", seed=0, work_uri=work, kfp_run_id="run-123",
-                                 predictions=predictions, metrics=fold_metrics)
+                                 predictions=predictions, metrics=fold_metrics, mlflow_uri=tracking_uri,
+                                 experiment="components")
     rows = pd.read_csv(Path(predictions.path, "predictions.csv"))
     assert len(rows) == 7 and set(rows["subject"]) == {"ZB"}
     assert set(ENSEMBLE_PARTS) | {"ensemble"} <= set(rows.columns)
@@ -147,23 +177,29 @@ def test_prediction_and_aggregation_components(chain, trained, tmp_path):
 
     outputs = {kind.__name__: artifact(kind, tmp_path, kind.__name__)
                for kind in (Dataset, Metrics, ClassificationMetrics, Markdown, HTML)}
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = aggregation.python_func(
         folds=[1], network="el", profile="smoke", dataset="jaffe", data_uri=str(tmp_path), seed=0,
-        mlflow_uri=mlflow_uri, experiment="components", work_uri=work, kfp_run_id="run-123",
+        mlflow_uri=tracking_uri, experiment="components", work_uri=work, kfp_run_id="run-123",
         fingerprint=chain["fingerprint"], annotated=chain["annotated"], reports=outputs["Dataset"],
         metrics=outputs["Metrics"], confusion=outputs["ClassificationMetrics"], report=outputs["Markdown"],
-        report_html=outputs["HTML"])
-    assert len(run_id) == 32
+        report_html=outputs["HTML"], kfp_run_name="components test")
+    from mlflow import MlflowClient
+
+    from ferpipe.crossval.tracking import Tracking
+
+    # The aggregation completed the start step's parent and reused the runs the tasks made: one fold, five members.
+    assert run_id == Tracking(tracking_uri, "components", "run-123").find_pipeline_run()
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("components").experiment_id], "tags.kfp_run_id = 'run-123'")
+    assert sorted(r.data.tags["run_kind"] for r in runs) == ["fold"] + ["member"] * 5 + ["pipeline"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert client.get_run(run_id).data.tags["kfp_run_name"] == "components test"
     matrix = outputs["ClassificationMetrics"].metadata["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]][:2] == ["angry", "disgust"]
     assert sum(map(sum, (r["row"] for r in matrix["rows"]))) == 7
     page = Path(outputs["HTML"].path).read_text()
     assert page.startswith("<!DOCTYPE html>") and chain["fingerprint"] in page and run_id in page
     assert page.count('<img src="data:image/png;base64,') >= 6  # five parts' and the ensemble's confusion at least
-    from mlflow import MlflowClient
-
-    client = MlflowClient(mlflow_uri)
     assert "report.html" in {a.path for a in client.list_artifacts(run_id)}
     metrics = client.get_run(run_id).data.metrics
     assert {f"landmark_error_after/{slot}" for slot in ENSEMBLE_PARTS} <= set(metrics)

@@ -27,6 +27,9 @@ WITH_PODS = ["k8s/base", "k8s/overlays/gpu-pool"]  # pipeline-namespace holds a 
 NAMESPACE = "ferpipe"
 SECRET = "ferpipe-storage"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The MLflow database's password: a Secret of its own, from its own gitignored env file.
+DB_SECRET, DB_SECRET_KEY = "ferpipe-mlflow-db", "POSTGRES_PASSWORD"
+ENV_FILES = {SECRET: "storage.env", DB_SECRET: "mlflow-db.env"}
 IMAGES = ("ghcr.io/ferpipe/ferpipe-cpu", "ghcr.io/ferpipe/ferpipe-gpu")
 
 # The pipeline's training tasks use exactly these; so must every GPU pod here.
@@ -204,13 +207,16 @@ def render(directory: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def k8s_copy(tmp_path_factory) -> Path:
-    """k8s/ with storage.env made from the example and dummy values, as a user would.
-    A developer's real k8s/base/storage.env is never read."""
+    """k8s/ with the env files made from the examples and dummy values, as a user would.
+    A developer's real k8s/base/storage.env or mlflow-db.env is never read."""
     root = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(REPO / "k8s", root, ignore=shutil.ignore_patterns("storage.env"))
-    example = parse_env_file(root / "base" / "storage.env.example")
-    example.update({"AWS_ACCESS_KEY_ID": "test-user", "AWS_SECRET_ACCESS_KEY": "test-password"})
-    (root / "base" / "storage.env").write_text("".join(f"{k}={v}\n" for k, v in example.items()))
+    shutil.copytree(REPO / "k8s", root, ignore=shutil.ignore_patterns(*ENV_FILES.values()))
+    dummies = {"AWS_ACCESS_KEY_ID": "test-user", "AWS_SECRET_ACCESS_KEY": "test-password",
+               DB_SECRET_KEY: "test-db-password"}
+    for name in ENV_FILES.values():
+        example = parse_env_file(root / "base" / f"{name}.example")
+        example.update({k: v for k, v in dummies.items() if k in example})
+        (root / "base" / name).write_text("".join(f"{k}={v}\n" for k, v in example.items()))
     return root
 
 
@@ -316,6 +322,7 @@ def test_no_secret_values_are_committed():
     for key in SECRET_KEYS:
         assert example[key] == "", f"storage.env.example must leave {key} empty"
     assert {"MLFLOW_S3_ENDPOINT_URL", "FERPIPE_S3_ENDPOINT"} <= set(example)
+    assert parse_env_file(REPO / "k8s/base/mlflow-db.env.example") == {DB_SECRET_KEY: ""}
 
 
 def test_secret_generator_reads_only_the_gitignored_env_file():
@@ -324,18 +331,18 @@ def test_secret_generator_reads_only_the_gitignored_env_file():
         for generator in yaml.safe_load(path.read_text()).get("secretGenerator", []):
             generators.append(generator)
             assert set(generator) <= {"name", "envs", "options"}, f"{path}: no literals or files"
-            assert generator["envs"] == ["storage.env"]
-            assert (path.parent / "storage.env.example").is_file()
-            assert generator["name"] == SECRET
-            # The pipeline refers to the plain name, which a hash suffix would break.
+            assert generator["envs"] == [ENV_FILES[generator["name"]]]
+            assert (path.parent / (ENV_FILES[generator["name"]] + ".example")).is_file()
+            # The pipeline and the pods refer to the plain names, which a hash suffix would break.
             assert generator["options"]["disableNameSuffixHash"] is True
-    assert len(generators) == 1
-    assert "k8s/base/storage.env" in (REPO / ".gitignore").read_text().split()
-    if shutil.which("git") and (REPO / ".git").exists():
-        ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", "k8s/base/storage.env"])
-        assert ignored.returncode == 0, "git does not ignore k8s/base/storage.env"
-        tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "k8s"], capture_output=True, text=True)
-        assert not any(line.endswith("/storage.env") for line in tracked.stdout.splitlines())
+    assert sorted(g["name"] for g in generators) == sorted(ENV_FILES)
+    for name in ENV_FILES.values():
+        assert f"k8s/base/{name}" in (REPO / ".gitignore").read_text().split()
+        if shutil.which("git") and (REPO / ".git").exists():
+            ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"k8s/base/{name}"])
+            assert ignored.returncode == 0, f"git does not ignore k8s/base/{name}"
+            tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "k8s"], capture_output=True, text=True)
+            assert not any(line.endswith(f"/{name}") for line in tracked.stdout.splitlines())
 
 
 # --------------------------------------------------------------------------- workload rules
@@ -387,8 +394,8 @@ def test_the_rule_checks_catch_a_bad_pod():
 
 
 def test_services_have_probes(base):
-    for name in ("minio", "mlflow"):
-        (container,) = find(base, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+    for kind, name in (("Deployment", "minio"), ("Deployment", "mlflow"), ("StatefulSet", "mlflow-db")):
+        (container,) = find(base, kind, name)["spec"]["template"]["spec"]["containers"]
         assert container.get("readinessProbe") and container.get("livenessProbe"), name
 
 
@@ -413,11 +420,53 @@ def test_mlflow_server(base):
     allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert f"mlflow.{NAMESPACE}.svc.cluster.local:5000" in allowed
     assert container["command"] == ["mlflow", "server"]
-    assert "--artifacts-destination=s3://mlflow/" in container["args"]
-    (store,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--backend-store-uri=")]
-    mounts = [m["mountPath"] for m in container["volumeMounts"]]
-    assert any(store.startswith(f"sqlite:///{m}/") for m in mounts), "the SQLite file must be on the volume"
+    assert {"--serve-artifacts", "--artifacts-destination=s3://mlflow/"} <= set(container["args"])
     assert {"secretRef": {"name": SECRET}} in container["envFrom"]
+    # No SQLite and no volume: the backend store is PostgreSQL, named by environment, not argument.
+    assert not any(a.startswith("--backend-store-uri") for a in container["args"])
+    assert "volumes" not in spec and "volumeMounts" not in container
+
+
+def database_env(container: dict) -> tuple[str, dict]:
+    """The backend-store URI and the PGPASSWORD entry a container gets."""
+    env = {e["name"]: e for e in container["env"]}
+    return env["MLFLOW_BACKEND_STORE_URI"]["value"], env["PGPASSWORD"]
+
+
+def test_mlflow_reaches_postgres_with_the_password_from_its_own_secret(base):
+    from urllib.parse import urlsplit
+
+    spec = find(base, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    database = find(base, "StatefulSet", "mlflow-db")
+    service = find(base, "Service", "mlflow-db")
+    (postgres,) = database["spec"]["template"]["spec"]["containers"]
+    db_env = {e["name"]: e for e in postgres["env"]}
+    # The server and the init container that waits for the database use the same address and secret.
+    for container in (spec["containers"][0], spec["initContainers"][0]):
+        uri, password = database_env(container)
+        parts = urlsplit(uri)
+        assert parts.scheme == "postgresql+psycopg", "name the driver: SQLAlchemy's default differs by version"
+        assert parts.password is None, "the password comes from PGPASSWORD, never in the URI"
+        assert parts.hostname == service["metadata"]["name"] == database["spec"]["serviceName"]
+        assert parts.port == service["spec"]["ports"][0]["port"] == postgres["ports"][0]["containerPort"]
+        assert parts.username == db_env["POSTGRES_USER"]["value"] and parts.path == "/" + db_env["POSTGRES_DB"]["value"]
+        assert password["valueFrom"]["secretKeyRef"] == {"name": DB_SECRET, "key": DB_SECRET_KEY}
+    assert db_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": DB_SECRET, "key": DB_SECRET_KEY}
+    assert DB_SECRET_KEY in find(base, "Secret", DB_SECRET)["data"]
+    assert DB_SECRET_KEY not in base64_secret(base), "the storage Secret goes to pipeline tasks: no DB password"
+
+
+def test_postgres_keeps_its_data_on_a_claimed_volume(base):
+    database = find(base, "StatefulSet", "mlflow-db")
+    (claim,) = database["spec"]["volumeClaimTemplates"]
+    (postgres,) = database["spec"]["template"]["spec"]["containers"]
+    (mount,) = postgres["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    pgdata = {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"]
+    # Below the mount point, not at it: initdb refuses a volume root holding lost+found.
+    assert pgdata.startswith(mount["mountPath"] + "/")
+    assert re.fullmatch(r"docker\.io/library/postgres:16\.\d+-\w+", postgres["image"]), postgres["image"]
 
 
 def test_endpoints_in_the_example_match_the_services(base):
@@ -473,8 +522,9 @@ def test_manifest_values_match_components_images(monkeypatch):
     for reference, name in zip((images.CPU_IMAGE, images.GPU_IMAGE), IMAGES):
         assert re.fullmatch(rf"{re.escape(name)}:{re.escape(version)}-[0-9a-f]{{12}}", reference), reference
     assert images.STORAGE_SECRET == SECRET
-    # Tasks read the two credentials and the (non-secret) endpoints from the one Secret.
-    assert tuple(images.STORAGE_SECRET_KEYS) == (*SECRET_KEYS, "FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL")
+    # Tasks read the two credentials and ferpipe's (non-secret) endpoint from the one Secret; nothing for
+    # MLflow, whose server proxies artifacts (the tracking URI is a pipeline parameter).
+    assert tuple(images.STORAGE_SECRET_KEYS) == (*SECRET_KEYS, "FERPIPE_S3_ENDPOINT")
 
 
 def test_manifests_name_the_images_the_current_code_builds(rendered, monkeypatch):

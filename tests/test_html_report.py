@@ -17,7 +17,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from science_fixtures import write_dataset
 

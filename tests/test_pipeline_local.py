@@ -34,18 +34,27 @@ def check_mlflow_tree(uri: str, parent_id: str, folds: int, synthetic: bool):
     by_id = {r.info.run_id: r for r in runs}
     parent = by_id[parent_id]
     assert parent.data.tags["synthetic_data"] == str(synthetic)
-    assert parent.data.tags["kfp_run_id"]
+    assert parent.data.tags["kfp_run_id"] and parent.data.tags["kfp_run_name"]
+    # One tree per KFP run: no task, retry or rerun left a second parent, fold or member.
+    this_run = [r for r in runs if r.data.tags.get("kfp_run_id") == parent.data.tags["kfp_run_id"]]
+    assert len(this_run) == 1 + folds * (1 + len(ENSEMBLE_PARTS))
+    assert all(r.info.status == "FINISHED" for r in this_run)
     for name in (*ENSEMBLE_PARTS, "ensemble"):
         assert 0.0 <= parent.data.metrics[f"accuracy/{name}"] <= 1.0
     fold_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert len(fold_runs) == folds
     client = MlflowClient(uri)
+    aggregated_at = client.get_metric_history(parent_id, "accuracy/ensemble")[0].timestamp
     for fold in fold_runs:
         members = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == fold.info.run_id]
         assert sorted(r.data.tags["slot"] for r in members) == sorted(ENSEMBLE_PARTS)
         assert 0.0 <= fold.data.metrics["accuracy/ensemble"] <= 1.0
+        # Logged by the fold's own tasks while the pipeline ran, not by the aggregation afterwards.
+        assert client.get_metric_history(fold.info.run_id, "accuracy/ensemble")[0].timestamp < aggregated_at
         member = members[0]
-        assert len(client.get_metric_history(member.info.run_id, "finetune/val_loss")) >= 1
+        epochs = client.get_metric_history(member.info.run_id, "finetune/val_loss")
+        assert len(epochs) >= 1 and len({m.step for m in epochs}) == len(epochs)
+        assert max(m.timestamp for m in epochs) < aggregated_at
         assert any(a.path == "model" for a in client.list_artifacts(member.info.run_id))
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"table.md", "report.md", "report.html", "confusion", "complexity.md", "results.json"} <= artifacts
@@ -71,6 +80,8 @@ def test_rerun_on_unchanged_data_recomputes_nothing_the_caches_cover(first_run, 
     assert summary["training-stage"] == (10, 10)
     first = json.loads((first_run.results / "results.json").read_text())
     assert json.loads((again.results / "results.json").read_text())["overall"] == first["overall"]
+    # Members answered by the cache still get their runs in the new KFP run's tree, history included.
+    check_mlflow_tree(again.mlflow_uri, again.mlflow_run_id, folds=2, synthetic=True)
 
 
 def test_london_pipeline(london, tmp_path):

@@ -11,11 +11,15 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ferpipe.crossval.fold_dataset import read_fold_info
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.storage import Store, open_store
 from ferpipe.version import code_fingerprint
+
+if TYPE_CHECKING:  # importing training imports TensorFlow, which a cache hit must not pay for
+    from ferpipe.model.training import EpochHook
 
 # The code a trained member depends on: the model package (augmentation, networks, profiles, training),
 # how a fold's data is written and read and how a training task runs, and the deep-learning releases.
@@ -38,11 +42,12 @@ def member_key(fold_dir: str, network: str, slot: str, profile: str, seed: int, 
 
 
 def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                     dataset: str | None = None, cache_uri: str = "", checkpoints: Store | None = None
-                     ) -> tuple[dict, bool]:
+                     dataset: str | None = None, cache_uri: str = "", checkpoints: Store | None = None,
+                     on_epoch: EpochHook | None = None) -> tuple[dict, bool]:
     """(member summary, whether it came from the cache); trains and fills the cache on a miss.
 
     `checkpoints`: the run's store, where training mirrors its checkpoint to survive a lost pod.
+    `on_epoch` hears every epoch trained here (none on a hit: the summary carries the history).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +61,8 @@ def train_or_restore(fold_dir: str, network: str, slot: str, profile: str, out_d
         return json.loads((out / "member.json").read_text()), True
     from ferpipe.crossval.steps import train_on_fold
 
-    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset, checkpoints=checkpoints)
+    summary = train_on_fold(fold_dir, network, slot, profile, out_dir, seed, dataset, checkpoints=checkpoints,
+                            on_epoch=on_epoch)
     if cache is not None:
         for name in (*OPTIONAL_FILES, *MEMBER_FILES):  # the summary last: its presence marks a complete entry
             if (out / name).is_file():

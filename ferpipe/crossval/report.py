@@ -46,6 +46,16 @@ def is_synthetic(data_uri: str) -> bool:
     return isinstance(params, dict) and params.get("generator") == "ferpipe.demo.synthetic"
 
 
+def pipeline_run_identity(dataset: str, network: str, profile: str, data_uri: str, seed: int, kfp_run_id: str,
+                          kfp_run_name: str) -> tuple[str, dict, dict]:
+    """(run name, tags, params) of the MLflow parent run: the start step creates it, the aggregation completes it."""
+    synthetic = is_synthetic(data_uri)
+    tags = {"kfp_run_id": kfp_run_id, "kfp_run_name": kfp_run_name, "dataset": dataset, "network": network,
+            "profile": profile, "data_uri": data_uri, "synthetic_data": synthetic, "ferpipe_version": __version__}
+    params = {"network": network, "profile": profile, "dataset": dataset, "seed": seed}
+    return f"{dataset}-{network}-{profile}" + ("-synthetic" if synthetic else ""), tags, params
+
+
 def markdown_report(results: dict, dataset: str, data_uri: str, synthetic: bool, mlflow_run_id: str = "") -> str:
     overall = results["overall"]
     lines = [
@@ -143,11 +153,9 @@ def publish(prediction_dirs: Sequence[str], out_dir: str, *, network: str, profi
     if mlflow_uri:
         from ferpipe.crossval.tracking import log_pipeline_run
 
-        tags = {"kfp_run_id": kfp_run_id, "kfp_run_name": kfp_run_name, "dataset": dataset, "network": network,
-                "profile": profile, "data_uri": data_uri, "synthetic_data": synthetic, "ferpipe_version": __version__}
-        params = {"network": network, "profile": profile, "dataset": dataset, "seed": seed,
-                  "folds": len(results["folds"]), "classes": ",".join(results["classes"])}
-        name = f"{dataset}-{network}-{profile}" + ("-synthetic" if synthetic else "")
+        name, tags, params = pipeline_run_identity(dataset, network, profile, data_uri, seed, kfp_run_id,
+                                                   kfp_run_name)
+        params.update(folds=len(results["folds"]), classes=",".join(results["classes"]))
         run_id = log_pipeline_run(mlflow_uri, experiment, name, results, prediction_dirs, out_dir, params, tags,
                                   complexity)
     markdown = markdown_report(results, dataset, data_uri, synthetic, run_id)

@@ -20,8 +20,8 @@ import pandas as pd
 
 from ferpipe.crossval.fold_dataset import load_fold_split, read_fold_info
 from ferpipe.crossval.train_eval import score_fold, write_reports
-from ferpipe.data.storage import Store, open_store
 from ferpipe.data.manifest import read_manifest
+from ferpipe.data.storage import Store, open_store
 from ferpipe.data.subject_meta import with_subject_meta
 from ferpipe.evaluate.gradcam import gradcam_figure
 from ferpipe.evaluate.groups import group_accuracy
@@ -31,10 +31,11 @@ from ferpipe.model.profiles import Profile, get_profile, on_materialised_copies
 from ferpipe.model.training import (
     LANDMARK_FILE,
     MODEL_FILE,
+    EpochHook,
     Progress,
     ensemble_members,
-    load_member,
     load_landmark_weights,
+    load_member,
     log_progress,
     member_by_slot,
     train_member,
@@ -60,12 +61,13 @@ def run_store(work_uri: str, kfp_run_id: str) -> Store:
 
 
 def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir: str, seed: int = 0,
-                  dataset: str | None = None, progress: Progress = log_progress, checkpoints: Store | None = None
-                  ) -> dict:
+                  dataset: str | None = None, progress: Progress = log_progress, checkpoints: Store | None = None,
+                  on_epoch: EpochHook | None = None) -> dict:
     """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json.
 
     With `checkpoints` (the run's store), the member's checkpoint is mirrored to
     checkpoints/fold<k>/<slot>/ after every epoch, so a retried task resumes there.
+    `on_epoch` hears every epoch as it ends (live MLflow).
     """
     info = read_fold_info(fold_dir)
     chosen = pipeline_profile(profile, dataset, info["copies"])
@@ -76,7 +78,8 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     mirror = checkpoints.child(f"fold{info['fold']}/{slot}") if checkpoints is not None else None
-    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress, mirror)
+    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress, mirror,
+                           on_epoch)
     trained.model.save_weights(out / MODEL_FILE)
     if (out / "checkpoint" / LANDMARK_FILE).is_file():  # phase 1's landmark network, for the landmark study
         shutil.copyfile(out / "checkpoint" / LANDMARK_FILE, out / LANDMARK_FILE)
@@ -120,9 +123,6 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
               "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}
     (out / FOLD_RESULT).write_text(json.dumps(result, indent=1))
-    for m in members:  # the aggregate step logs each member's model to MLflow from here
-        (out / "members" / m.slot).mkdir(parents=True, exist_ok=True)
-        (out / "members" / m.slot / MODEL_FILE).write_bytes((by_slot[m.slot][0] / MODEL_FILE).read_bytes())
     keras.backend.clear_session()
     return result
 

@@ -1,85 +1,338 @@
-"""MLflow: one parent run per pipeline run, a nested run per fold and per trained sub-network.
+"""MLflow, live: one parent run per pipeline run, a nested run per fold and per trained sub-network.
 
-The parent carries the overall table (each sub-network's and the ensemble's
-accuracy, as the paper's Table I), the summed confusion matrix as a picture,
-the complexity report and the KFP run id. Fold runs carry their accuracies,
-predictions and Grad-CAM picture; member runs their parameters, per-epoch
-metrics and weights. Everything is logged after training by the aggregate
-step, so training tasks need no MLflow credentials and a failed fold never
-leaves half a run tree.
+Who writes what, and when:
+
+    start step     the parent run, as the pipeline starts (tags: KFP run id and name, dataset, ...)
+    training task  its member run under its fold run, the member's metrics after every epoch,
+                   then its parameters, full history and weights
+    prediction     the fold run's accuracies, predictions and Grad-CAM picture
+    aggregation    the parent's tables and figures; and whatever a task above could not log
+
+Every write is idempotent, so a task answered by KFP's cache, a retried task or
+a rerun aggregation never duplicates a run. Runs are found by tags (KFP run
+id, run kind, fold, slot), and a nested run is *claimed* through a parameter of
+its parent (`fold_run.3` on the parent, `member_run.eyes` on a fold run):
+MLflow refuses to change a parameter's value (the params table's primary key
+is (run, key)), which makes the parameter an atomic compare-and-set. Five
+training tasks of one fold start together and race to create the fold run; the
+first claim wins and the losers delete their candidate. The parent needs no
+claim: only the start step creates it (every other task runs after it), and
+the aggregation, which runs after everything, only finds it.
+
+Training and prediction log best-effort: a tracking server that is down must not
+fail (and retry) an hour of GPU training, so they warn and carry on, and the
+aggregation step, which must succeed, completes what is missing from the fold
+results (each member's summary and history travel with them).
+
+Local runs keep MLflow in one SQLite file, which two training tasks write at
+once. SQLite takes one writer at a time, and a writer that waits more than
+pysqlite's 5 s busy timeout fails with "database is locked"; creating MLflow's
+schema in a new file holds the write lock for ~30 s on a busy 2-core machine.
+So every call here holds an exclusive `flock` on `<db>.lock` for sqlite URIs:
+writes are serialised across processes (a call takes milliseconds) rather than
+retried, and correctness never rests on that timeout.
+
+Artifacts go through the tracking server (`mlflow server --artifacts-destination`):
+a task needs only the tracking URI, no S3 credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import math
+import re
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
+
+log = logging.getLogger(__name__)
 
 HISTORY_KEYS_SKIPPED = {"phase", "epoch", "seconds"}
+# Tags that identify a run within a pipeline run (search filters use them).
+KFP_RUN_ID, KFP_RUN_NAME, RUN_KIND = "kfp_run_id", "kfp_run_name", "run_kind"
+PIPELINE, FOLD, MEMBER = "pipeline", "fold", "member"
+# Tags that mark what has been logged, so a second call skips it.
+HISTORY_ROWS, WEIGHTS_LOGGED, RESULT_LOGGED = "history_rows", "weights_logged", "result_logged"
+PARENT_TAG = "mlflow.parentRunId"
+FILTER_SAFE = re.compile(r"^[\w.:-]*$")
 
 
 def _finite(values: dict) -> dict:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def _epoch_metrics(history: list[dict]):
-    """MLflow metrics for every epoch row: `<phase>/<metric>` at step = epoch counted across phases."""
-    from mlflow.entities import Metric
+def epoch_metrics(step: int, row: dict) -> dict[str, float]:
+    """One history row as MLflow metrics: `<phase>/<metric>`, logged at `step` (the epoch counted across phases)."""
+    phase = row.get("phase", "train")
+    return {f"{phase}/{k}": v for k, v in _finite({k: v for k, v in row.items() if k not in HISTORY_KEYS_SKIPPED}).items()}
 
-    now = int(time.time() * 1000)
-    metrics = []
-    for step, row in enumerate(history, start=1):
-        for key, value in _finite({k: v for k, v in row.items() if k not in HISTORY_KEYS_SKIPPED}).items():
-            metrics.append(Metric(f"{row.get('phase', 'train')}/{key}", value, now, step))
-    return metrics
+
+class Tracking:
+    """One process's link to MLflow for one KFP run: finds and claims its runs, serialises SQLite writers."""
+
+    def __init__(self, uri: str, experiment: str, kfp_run_id: str = ""):
+        if not FILTER_SAFE.match(kfp_run_id):  # it goes into search filters
+            raise ValueError(f"unexpected characters in the KFP run id {kfp_run_id!r}")
+        self.uri, self.experiment_name, self.kfp_run_id = uri, experiment, kfp_run_id
+        self._lock_path = Path(uri[len("sqlite:///"):] + ".lock") if uri.startswith("sqlite:///") else None
+        with self.exclusive():
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(uri)
+            self.experiment_id = self._experiment_id()
+        self._parent_id = ""
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Holds the SQLite file's lock (no-op for a tracking server, which serialises its own writes)."""
+        if self._lock_path is None:
+            yield
+            return
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def call(self, method: str, *args, **kwargs):
+        """client.<method>(...) under the lock."""
+        with self.exclusive():
+            return getattr(self.client, method)(*args, **kwargs)
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment_name)
+        except MlflowException:  # another pipeline created it meanwhile
+            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+
+    # ------------------------------------------------------------------ finding and claiming runs
+
+    def find_pipeline_run(self) -> str:
+        """The parent run of this KFP run ('' when there is none yet)."""
+        if self._parent_id or not self.kfp_run_id:
+            return self._parent_id
+        runs = self.call("search_runs", [self.experiment_id], max_results=2, order_by=["attributes.start_time ASC"],
+                         filter_string=f"tags.{KFP_RUN_ID} = '{self.kfp_run_id}' AND tags.{RUN_KIND} = '{PIPELINE}'")
+        self._parent_id = runs[0].info.run_id if runs else ""
+        return self._parent_id
+
+    def ensure_pipeline_run(self, run_name: str, tags: dict, params: dict | None = None) -> str:
+        """Find or create the parent run. Only the start step and the aggregation call this, one after the other."""
+        run_id = self.find_pipeline_run()
+        if not run_id:
+            tags = {**{k: str(v) for k, v in tags.items()}, RUN_KIND: PIPELINE, KFP_RUN_ID: self.kfp_run_id}
+            run_id = self.call("create_run", self.experiment_id, run_name=run_name, tags=tags).info.run_id
+            self._parent_id = run_id
+        self.log_params(run_id, params or {})
+        return run_id
+
+    def _require_parent(self) -> str:
+        parent = self.find_pipeline_run()
+        if not parent:
+            raise LookupError(f"no MLflow parent run for KFP run {self.kfp_run_id!r} in experiment "
+                              f"{self.experiment_name!r}: the pipeline's start step creates it")
+        return parent
+
+    def claim_child(self, parent_id: str, slot_key: str, run_name: str, tags: dict) -> str:
+        """The run recorded under parameter `slot_key` of the parent, created and claimed if there is none."""
+        from mlflow.exceptions import MlflowException
+
+        claimed = self.call("get_run", parent_id).data.params.get(slot_key)
+        if claimed:
+            return claimed
+        tags = {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent_id, KFP_RUN_ID: self.kfp_run_id}
+        candidate = self.call("create_run", self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        try:
+            self.call("log_param", parent_id, slot_key, candidate)
+            return candidate
+        except MlflowException:
+            winner = self.call("get_run", parent_id).data.params.get(slot_key)
+            if not winner:  # not a lost race: a real error
+                raise
+            self.call("delete_run", candidate)
+            return winner
+
+    def fold_run(self, fold: int) -> str:
+        return self.claim_child(self._require_parent(), f"fold_run.{fold}", f"fold {fold}",
+                                {RUN_KIND: FOLD, "fold": fold})
+
+    def member_run(self, fold: int, slot: str, network: str) -> str:
+        return self.claim_child(self.fold_run(fold), f"member_run.{slot}", f"fold {fold} {slot}",
+                                {RUN_KIND: MEMBER, "fold": fold, "slot": slot, "network": network})
+
+    # ------------------------------------------------------------------ idempotent logging
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        """Parameters the run lacks; one with the same value is skipped (MLflow refuses a changed one)."""
+        have = self.call("get_run", run_id).data.params
+        new = {k: str(v) for k, v in params.items() if k not in have}
+        if new:
+            from mlflow.entities import Param
+
+            self.call("log_batch", run_id, params=[Param(k, v) for k, v in new.items()])
+
+    def log_latest(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        """Metrics whose latest value differs (a second call logs nothing)."""
+        from mlflow.entities import Metric
+
+        have = self.call("get_run", run_id).data.metrics
+        now = int(time.time() * 1000)
+        new = [Metric(k, v, now, step) for k, v in _finite(metrics).items() if have.get(k) != v]
+        if new:
+            self.call("log_batch", run_id, metrics=new)
+
+    def log_epoch(self, run_id: str, step: int, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in epoch_metrics(step, row).items()]
+        if metrics:
+            self.call("log_batch", run_id, metrics=metrics)
+
+    def log_history(self, run_id: str, history: list[dict]) -> int:
+        """Every epoch row's metrics that the run does not have at that step yet; returns how many were logged."""
+        from mlflow.entities import Metric
+
+        wanted = {(key, step): value for step, row in enumerate(history, start=1)
+                  for key, value in epoch_metrics(step, row).items()}
+        have = set()
+        for key in {key for key, _ in wanted}:
+            have |= {(key, m.step) for m in self.call("get_metric_history", run_id, key)}
+        now = int(time.time() * 1000)
+        missing = [Metric(key, value, now, step) for (key, step), value in wanted.items() if (key, step) not in have]
+        for start in range(0, len(missing), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.call("log_batch", run_id, metrics=missing[start:start + 1000])
+        self.call("set_tag", run_id, HISTORY_ROWS, str(len(history)))
+        return len(missing)
+
+    def complete_member(self, fold: int, summary: dict, weights_dir: str | Path | None = None,
+                        accuracy: float | None = None) -> str:
+        """A member run with its parameters, every epoch of its history, its weights and accuracy when given."""
+        from ferpipe.crossval.member_cache import MEMBER_FILES
+
+        run_id = self.member_run(fold, summary["slot"], summary["network"])
+        run = self.call("get_run", run_id)
+        self.log_params(run_id, {k: v for k, v in summary.items() if k not in ("history", "classes")})
+        if run.data.tags.get(HISTORY_ROWS) != str(len(summary["history"])):
+            self.log_history(run_id, summary["history"])
+        if weights_dir is not None and run.data.tags.get(WEIGHTS_LOGGED) != "true":
+            for name in MEMBER_FILES:
+                self.call("log_artifact", run_id, str(Path(weights_dir) / name), "model")
+            self.call("set_tag", run_id, WEIGHTS_LOGGED, "true")
+        if accuracy is not None:
+            self.log_latest(run_id, {"accuracy": accuracy})
+        self.call("set_terminated", run_id, "FINISHED")
+        return run_id
+
+    def complete_fold(self, directory: str | Path) -> str:
+        """A prediction task's fold result on its fold run, and on each member run its summary and accuracy."""
+        from ferpipe.crossval.steps import FOLD_RESULT, GRADCAM_FILE
+
+        directory = Path(directory)
+        fold = json.loads((directory / FOLD_RESULT).read_text())
+        run_id = self.fold_run(fold["fold"])
+        if self.call("get_run", run_id).data.tags.get(RESULT_LOGGED) != "true":
+            self.log_params(run_id, {"fold": fold["fold"], "test_subjects": len(fold["test_subjects"]),
+                                     "train_examples": fold["train_examples"]})
+            self.log_latest(run_id, {**{f"accuracy/{k}": v for k, v in fold["accuracy"].items()},
+                                     "test_images": fold["images"]})
+            self.call("log_artifact", run_id, str(directory / "predictions.csv"))
+            if (directory / GRADCAM_FILE).is_file():  # absent when the fold had no test images
+                self.call("log_artifact", run_id, str(directory / GRADCAM_FILE))
+            self.call("set_tag", run_id, RESULT_LOGGED, "true")
+        for slot, member in fold["members"].items():
+            self.complete_member(fold["fold"], member, accuracy=fold["accuracy"][slot])
+        self.call("set_terminated", run_id, "FINISHED")
+        return run_id
+
+
+# ---------------------------------------------------------------------- what the pipeline's steps call
+
+
+def start_pipeline_run(uri: str, experiment: str, kfp_run_id: str, run_name: str, tags: dict, params: dict) -> str:
+    """The start step: the parent run, found or created; returns its id."""
+    tracking = Tracking(uri, experiment, kfp_run_id)
+    return tracking.ensure_pipeline_run(run_name, tags, params)
+
+
+class MemberLog:
+    """A training task's member run: metrics after every epoch, then the rest. Best-effort throughout."""
+
+    def __init__(self, uri: str, experiment: str, kfp_run_id: str, fold: int, network: str, slot: str):
+        self.fold, self.network, self.slot = fold, network, slot
+        self.tracking: Tracking | None = None
+        self.run_id = ""
+        if not uri:
+            return
+        with _best_effort(f"opening the member run of fold {fold} {slot}"):
+            self.tracking = Tracking(uri, experiment, kfp_run_id)
+            self.run_id = self.tracking.member_run(fold, slot, network)
+
+    def on_epoch(self, step: int, row: dict) -> None:
+        if not self.run_id:
+            return
+        with _best_effort(f"logging epoch {step} of fold {self.fold} {self.slot}") as failed:
+            self.tracking.log_epoch(self.run_id, step, row)
+        if failed:  # a dead server would stall every epoch in HTTP retries: finish() backfills instead
+            self.run_id = ""
+
+    def finish(self, summary: dict, weights_dir: str | Path) -> None:
+        if self.tracking is None:
+            return
+        with _best_effort(f"completing the member run of fold {self.fold} {self.slot}"):
+            self.tracking.complete_member(self.fold, summary, weights_dir)
+
+
+def log_fold_result(uri: str, experiment: str, kfp_run_id: str, prediction_dir: str) -> None:
+    """The prediction task: the fold's accuracies and pictures on its fold run (best-effort)."""
+    if not uri:
+        return
+    with _best_effort(f"logging the fold result in {prediction_dir}"):
+        Tracking(uri, experiment, kfp_run_id).complete_fold(prediction_dir)
 
 
 def log_pipeline_run(tracking_uri: str, experiment: str, run_name: str, results: dict,
                      prediction_dirs: Sequence[str | Path], reports_dir: str | Path, params: dict,
                      tags: dict, complexity: str | None = None) -> str:
-    """Log a finished pipeline run; returns the parent run's id."""
-    import mlflow
-    from mlflow import MlflowClient
+    """The aggregation: completes the parent run (found by tags["kfp_run_id"]) and every fold; returns its id.
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    client = MlflowClient(tracking_uri)
+    Not best-effort: it is the step that guarantees the whole tree.
+    """
+    tracking = Tracking(tracking_uri, experiment, str(tags.get(KFP_RUN_ID, "")))
+    parent = tracking.ensure_pipeline_run(run_name, tags, params)
+    from mlflow.entities import RunTag
+
+    tracking.call("log_batch", parent, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     overall = results["overall"]
-    with mlflow.start_run(run_name=run_name) as parent:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-        mlflow.log_metrics({f"accuracy/{k}": v for k, v in _finite(overall["accuracy"]).items()})
-        mlflow.log_metrics({f"mean_fold_accuracy/{k}": v for k, v in _finite(overall["mean_fold_accuracy"]).items()})
-        mlflow.log_metric("test_images", overall["images"])
-        mlflow.log_artifacts(str(reports_dir))
-        if complexity:
-            mlflow.log_text(complexity, "complexity.md")
-        for directory in sorted(map(Path, prediction_dirs)):
-            _log_fold(client, directory)
-        return parent.info.run_id
+    tracking.log_latest(parent, {**{f"accuracy/{k}": v for k, v in overall["accuracy"].items()},
+                                 **{f"mean_fold_accuracy/{k}": v for k, v in overall["mean_fold_accuracy"].items()},
+                                 "test_images": overall["images"]})
+    tracking.call("log_artifacts", parent, str(reports_dir))
+    if complexity:
+        tracking.call("log_text", parent, complexity, "complexity.md")
+    for directory in sorted(map(Path, prediction_dirs)):
+        tracking.complete_fold(directory)
+    tracking.call("set_terminated", parent, "FINISHED")
+    return parent
 
 
-def _log_fold(client, directory: Path) -> None:
-    import mlflow
-
-    from ferpipe.crossval.steps import FOLD_RESULT, GRADCAM_FILE
-
-    fold = json.loads((directory / FOLD_RESULT).read_text())
-    with mlflow.start_run(run_name=f"fold {fold['fold']}", nested=True):
-        mlflow.set_tag("fold", fold["fold"])
-        mlflow.log_params({"fold": fold["fold"], "test_subjects": len(fold["test_subjects"]),
-                           "train_examples": fold["train_examples"]})
-        mlflow.log_metrics({f"accuracy/{k}": v for k, v in _finite(fold["accuracy"]).items()})
-        mlflow.log_metric("test_images", fold["images"])
-        mlflow.log_artifact(str(directory / "predictions.csv"))
-        if (directory / GRADCAM_FILE).is_file():  # absent when the fold had no test images
-            mlflow.log_artifact(str(directory / GRADCAM_FILE))
-        for slot, member in fold["members"].items():
-            with mlflow.start_run(run_name=f"fold {fold['fold']} {slot}", nested=True) as run:
-                mlflow.set_tags({"fold": fold["fold"], "slot": slot, "network": member["network"]})
-                mlflow.log_params({k: v for k, v in member.items() if k not in ("history", "classes")})
-                client.log_batch(run.info.run_id, metrics=_epoch_metrics(member["history"]))
-                mlflow.log_metric("accuracy", fold["accuracy"][slot])
-                mlflow.log_artifacts(str(directory / "members" / slot), artifact_path="model")
+@contextlib.contextmanager
+def _best_effort(what: str) -> Iterator[list]:
+    """Logs a failure as a warning instead of raising; the yielded list is non-empty after one."""
+    failed: list = []
+    try:
+        yield failed
+    except Exception as err:  # noqa: BLE001 - any tracking failure; the aggregation step completes the tree
+        failed.append(err)
+        log.warning(f"MLflow: {what} failed ({type(err).__name__}: {err}); "
+                    "carrying on, the aggregation step logs what is missing")

@@ -60,6 +60,8 @@ MODEL_FILE = "model.weights.h5"
 LANDMARK_FILE = "landmarks.weights.npz"
 
 Progress = Callable[[str], None]  # receives a line per epoch (and on resuming)
+# Called after each epoch's checkpoint with (step, history row); step counts epochs across phases from 1.
+EpochHook = Callable[[int, dict], None]
 log = logging.getLogger(__name__)
 
 
@@ -191,6 +193,8 @@ class _PhaseMonitor(keras.callbacks.Callback):
         state["history"].append({"phase": self.phase, "epoch": epoch + 1, **logs, "seconds": round(seconds, 3)})
         _save_snapshot(self.model, run.path(f"{self.phase}.last.npz"))
         run.save_state()
+        if run.on_epoch is not None:  # after the checkpoint: what it reports is never rolled back
+            run.on_epoch(len(state["history"]), state["history"][-1])
         shown = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "learning_rate")
         run.progress(f"{run.member.name} seed {run.member.seed} {self.phase} epoch {epoch + 1}/{self.epochs} {shown} ({seconds:.1f}s)")
         if state["wait"] >= run.profile.patience:
@@ -208,9 +212,9 @@ class _Run:
     """
 
     def __init__(self, member: Member, profile: Profile, directory: Path, fingerprint: dict, progress: Progress,
-                 mirror: Store | None = None):
+                 mirror: Store | None = None, on_epoch: EpochHook | None = None):
         self.member, self.profile, self.directory, self.progress = member, profile, directory, progress
-        self.mirror, self.pushed = mirror, {}
+        self.mirror, self.pushed, self.on_epoch = mirror, {}, on_epoch
         directory.mkdir(parents=True, exist_ok=True)
         saved = self.path(STATE_FILE)
         if mirror is not None and not saved.exists() and mirror.exists(STATE_FILE):
@@ -387,6 +391,7 @@ def train_member(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: Progress = log_progress,
     mirror: Store | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainedMember:
     """Train one ensemble member on one fold's data; resumes from `checkpoint_dir` when it holds a run.
 
@@ -395,14 +400,15 @@ def train_member(
 
     `train` and `val` must be at `profile.input_size`. Returns the sub-network
     (a model of its own) with the best weights of its last phase, and one
-    history row per epoch.
+    history row per epoch. `on_epoch` hears each epoch's row once its checkpoint is written.
     """
     if train.size != profile.input_size:
         raise ValueError(f"examples are {train.size}px, profile {profile.name!r} wants {profile.input_size}px")
     if checkpoint_dir is None:
         with tempfile.TemporaryDirectory(prefix="ferpipe-member-") as scratch:
-            return train_member(member, train, val, profile, scratch, progress, mirror)
-    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress, mirror)
+            return train_member(member, train, val, profile, scratch, progress, mirror, on_epoch)
+    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress, mirror,
+               on_epoch)
     classes = len(train.classes)
     # The returned model is built first, from the member's seed: its fresh extractor is the
     # member's starting point (one model build fewer per member).
