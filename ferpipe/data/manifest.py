@@ -26,6 +26,7 @@ TOO_SMALL = "too_small"
 BAD_LABEL = "bad_label"  # a label the dataset does not define, or an unreadable label file
 NO_FACE = "no_face"
 NO_LANDMARKS = "no_landmarks"
+OUTSIDE_DATA = "outside_data"  # a symlink that leaves the data folder: neither read nor hashed
 
 SCHEMA = pa.schema(
     [
@@ -44,6 +45,9 @@ SCHEMA = pa.schema(
         ("detector", pa.string()),
         ("landmarks", pa.list_(pa.float32())),
         ("fold", pa.int32()),
+        # The file name's exact bytes when they are not UTF-8 (`source` then shows them escaped, \xNN).
+        ("source_bytes", pa.binary()),
+        ("exif_orientation", pa.int8()),  # the EXIF rotation/flip applied before stage 1 (1 = none)
     ]
 )
 COLUMNS = SCHEMA.names
