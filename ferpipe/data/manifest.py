@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ferpipe.data.storage import Store, open_store
+from ferpipe.errors import UserError
 
 MANIFEST_NAME = "manifest.parquet"
 OK = "ok"
@@ -79,8 +80,18 @@ def write_manifest(rows: pd.DataFrame | list[dict], where: str | Store) -> None:
 
 
 def read_manifest(where: str | Store) -> pd.DataFrame:
+    """The published manifest; a UserError when a run into `where` is under way or stopped before publishing."""
+    from ferpipe.data.output import LOCK_NAME, STAGING_DIR
+
     store = open_store(where)
-    return pq.read_table(io.BytesIO(store.read_bytes(MANIFEST_NAME))).to_pandas()
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        if store.exists(LOCK_NAME) or store.list(STAGING_DIR):
+            raise UserError(f"{store.uri} holds no published manifest: a run into it is under way or stopped "
+                            "before publishing (rerun it)") from None
+        raise
+    return pq.read_table(io.BytesIO(data)).to_pandas()
 
 
 def status_counts(manifest: pd.DataFrame) -> dict[str, int]:

@@ -174,7 +174,7 @@ class S3Store(Store):
         self.prefix = parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         try:
-            check_bucket_name(self.bucket, s3_check=True)
+            check_bucket_name(self.bucket, strict=True, s3_check=True)
         except ValueError as err:
             raise UserError(f"{uri}: {self.bucket!r} is not a valid S3 bucket name ({err})") from None
         self.client = client or s3_client_from_env()
@@ -297,15 +297,15 @@ def explain_network_error(err: BaseException) -> str:
 
     reason = err.reason if isinstance(err, MaxRetryError) and err.reason is not None else err
     tries = "after retries" if isinstance(err, MaxRetryError) else ""
-    if isinstance(reason, ConnectTimeoutError):
+    # Order matters: urllib3 2 makes NewConnectionError (and NameResolutionError) a ConnectTimeoutError.
+    if isinstance(reason, NameResolutionError):
+        text = "host name not found"
+    elif isinstance(reason, NewConnectionError):
+        text = "connection refused (is the server running?)" if "refused" in str(reason) else f"cannot connect: {reason}"
+    elif isinstance(reason, ConnectTimeoutError):
         text = "connect timed out"
     elif isinstance(reason, ReadTimeoutError):
         text = "the server accepted the connection but did not answer in time (read timed out)"
-    elif isinstance(reason, NameResolutionError):
-        text = "host name not found"
-    elif isinstance(reason, NewConnectionError):
-        refused = isinstance(reason.__cause__ or reason.__context__, ConnectionRefusedError) or "refused" in str(reason)
-        text = "connection refused (is the server running?)" if refused else f"cannot connect: {reason}"
     elif isinstance(reason, ProtocolError):
         text = "connection dropped mid-answer"
     elif isinstance(err, ServerError):
