@@ -120,6 +120,8 @@ class OutputRun:
             (staging / top).rename(target)
         os.replace(staging / MANIFEST_NAME, root / MANIFEST_NAME)
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another run's staging may still be there
+            staging.parent.rmdir()
 
     def _publish_s3(self, staged: list[str], tops: list[str]) -> None:
         from ferpipe.data.manifest import MANIFEST_NAME
@@ -165,6 +167,10 @@ def _start_clean(out: Store, owner: Owner) -> None:
             log.warning(f"{out.uri}: run {run_id} stopped before publishing ({count} files staged); "
                         "starting clean: they are discarded (with --cache its finished images are reused)")
             discard(out, f"{STAGING_DIR}/{run_id}")
+    staging_root = out.local_path(STAGING_DIR)
+    if staging_root is not None:
+        with contextlib.suppress(OSError):
+            staging_root.rmdir()
     if not out.exists(MANIFEST_NAME) and any(not k.startswith(".") for k in out.list()):
         log.warning(f"{out.uri} holds files but no manifest: an earlier run did not finish; "
                     "this run replaces them")

@@ -26,7 +26,7 @@ from ferpipe.data.adapters import Offer, image_id, printable
 from ferpipe.data.datasets import DatasetOptions, inventory, open_source
 from ferpipe.data.manifest import OK, OUTSIDE_DATA, empty_row, read_manifest, status_counts, write_manifest
 from ferpipe.data.output import claim_output
-from ferpipe.data.storage import Store, open_store, same_or_inside
+from ferpipe.data.storage import LocalStore, Store, open_store, same_or_inside
 from ferpipe.errors import UserError
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess.cache import ImageCache
@@ -63,14 +63,14 @@ def offer_record(offer: Offer, source: Store) -> dict:
 _worker: dict = {}
 
 
-def _init_worker(settings: PreprocessSettings, source_uri: str | None, input_uri: str | None, out_uri: str,
+def _init_worker(settings: PreprocessSettings, source_uri: str | Store | None, input_uri: str | None, out_uri: str,
                  cache_uri: str | None = None, names: tuple[str, ...] = ()) -> None:
     # Parallelism is across processes; a multi-threaded OpenCV per process would fight over the cores.
     cv2.setNumThreads(1)
     tools = _worker.get("tools")
     if tools is None or tools.settings != settings:  # a forked worker inherits the parent's loaded models
         tools = StageTools(settings)
-    tools.source = open_store(source_uri) if source_uri else None
+    tools.source = open_store(source_uri) if source_uri else None  # a LocalStore arrives as itself: confined
     cache = ImageCache(open_store(cache_uri), names, settings.as_dict()) if cache_uri else None
     _worker.update(tools=tools, input=open_store(input_uri) if input_uri else None, out=open_store(out_uri),
                    cache=cache)
@@ -137,7 +137,9 @@ def run_records(records: list[dict], names: tuple[str, ...], settings: Preproces
                 desc: str = "preprocess", cache: Store | None = None) -> tuple[list[dict], int]:
     """Apply stages `names` to every record on `workers` processes; (rows in input order, cache hits)."""
     workers = max(1, workers or default_workers())
-    init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri,
+    # Stores travel as URIs (an S3 client does not pickle), except a local source, whose confinement must too.
+    source_arg = source if isinstance(source, LocalStore) else source.uri if source else None
+    init = (settings, source_arg, input_store.uri if input_store else None, out.uri,
             cache.uri if cache else None, names)
     jobs = [(r, names) for r in records]
     bar = dict(total=len(jobs), desc=desc, unit="img", mininterval=1.0)
