@@ -76,6 +76,18 @@ class Owner:
         except (ValueError, TypeError):
             return None
 
+    def died_here(self) -> bool:
+        """The holder ran on this machine and its process is gone (a pid reused since reads as alive: safe)."""
+        if self.host != socket.gethostname() or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def describe(self) -> str:
         return f"run {self.run_id} (pid {self.pid} on {self.host}, started {self.started})"
 
@@ -258,12 +270,13 @@ class _S3Lock:
             return
         age = time.time() - info.last_modified.timestamp()
         who = holder.describe() if holder else "another run"
-        if age < STALE_AFTER:
+        if age < STALE_AFTER and not (holder and holder.died_here()):
             raise OutputBusy(f"{self.out.uri} is being written by {who} (lock renewed {age:.0f} s ago); wait for "
                              f"it, or choose another --out (a lock not renewed for {STALE_AFTER:.0f} s is taken over)")
         if (etag := self._put({"If-Match": f'"{info.etag}"'})) is None:
             raise OutputBusy(f"{self.out.uri}: another run took over the stale lock of {who} first")
-        log.warning(f"{self.out.uri}: {who} stopped renewing its lock {age:.0f} s ago; taking it over")
+        why = "ended without releasing its lock" if age < STALE_AFTER else f"stopped renewing its lock {age:.0f} s ago"
+        log.warning(f"{self.out.uri}: {who} {why}; taking it over")
         self.etag = etag
 
     def _heartbeat(self) -> None:
