@@ -152,6 +152,7 @@ def test_exif_orientation_is_applied_before_detection(hostile, hostile_run, lond
                             workers=1).iloc[0]
     # The same face found in the same place: the detector saw it upright, as a viewer shows it.
     assert np.abs(np.asarray(sideways["face_box"]) - np.asarray(upright["face_box"])).max() < 12
+    assert np.abs(np.asarray(sideways["landmarks"]) - np.asarray(upright["landmarks"])).mean() < 0.02
     assert manifest["exif_orientation"].dropna().isin([1, 6]).all()
 
 
