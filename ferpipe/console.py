@@ -58,6 +58,8 @@ def for_console(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(keras|tensorflow|mlflow|kfp)(\.|$)")
     _install(_handler(sys.stdout, "%(message)s"), logging.INFO, logging.WARNING)
+    # urllib3 warns at each retry of an S3 call; the one-line error after the last retry says it all.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def for_task() -> None:

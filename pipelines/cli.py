@@ -8,14 +8,19 @@ so a flag and the DAG parameter it feeds cannot disagree. One flag, one
 meaning: `--folds K` is always the number of folds; `--max-folds N` trains the
 first N; `--only-folds I ...` names folds to train.
 
-User mistakes end in one line on stderr and exit status 2; `--verbose` shows
-library logs and, for a real bug, the traceback.
+User mistakes and failures of the environment (a full disk, an S3 server that
+refuses or never answers) end in one line on stderr and exit status 2, and so
+do flags argparse refuses; counts are checked here, at the door, before any
+work. `--verbose` shows library logs and the traceback of anything; a real bug
+shows its traceback always.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 
 from ferpipe import console
@@ -30,6 +35,50 @@ from ferpipe.preprocess.landmarks import LANDMARK_SOURCES, LandmarkSettings
 log = logging.getLogger("ferpipe.cli")
 
 CLAHE, DETECTION, LANDMARKS, DATASET_OPTIONS = ClaheSettings(), DetectionSettings(), LandmarkSettings(), DatasetOptions()
+# OSErrors that the machine causes, not the code: told in one line like a UserError.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                      errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.EIO}
+# MLflow's HTTP client otherwise waits 120 s per call and retries 7 times with doubling backoff.
+MLFLOW_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that refuses a flag in one line (usage is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(minimum: int):
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    count.__name__ = f"count >= {minimum}"
+    return count
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positive_number(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 # --- option groups shared by several verbs ---------------------------------------------------------------------
@@ -42,12 +91,14 @@ def _data_options(parser, remote: bool) -> None:
 
 def _preprocess_options(parser) -> None:
     group = parser.add_argument_group("preprocessing (stages 1-4)")
-    group.add_argument("--folds", type=int, default=DATASET_OPTIONS.n_folds,
+    group.add_argument("--folds", type=at_least(2), default=DATASET_OPTIONS.n_folds,
                        help="number of folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, "
                             "SFEW train/val (default: %(default)s)")
-    group.add_argument("--clahe-clip", type=float, default=CLAHE.clip_limit, help="CLAHE clip limit (%(default)s)")
-    group.add_argument("--clahe-tiles", type=int, default=CLAHE.tile_grid, help="CLAHE tiles per side (%(default)s)")
-    group.add_argument("--confidence", type=float, default=DETECTION.confidence,
+    group.add_argument("--clahe-clip", type=positive_number, default=CLAHE.clip_limit,
+                       help="CLAHE clip limit (%(default)s)")
+    group.add_argument("--clahe-tiles", type=at_least(1), default=CLAHE.tile_grid,
+                       help="CLAHE tiles per side (%(default)s)")
+    group.add_argument("--confidence", type=fraction, default=DETECTION.confidence,
                        help="SSD confidence a face must reach (%(default)s)")
     group.add_argument("--on-no-face", default=DETECTION.on_no_face, choices=FALLBACKS,
                        help="skip: record no_face; dlib_hog: try dlib's HOG detector (%(default)s)")
@@ -73,7 +124,7 @@ def _pipeline_options(parser, local: bool) -> None:
     _preprocess_options(parser)
     _training_options(parser, "demo" if local else "paper")
     group = parser.add_argument_group("pipeline")
-    group.add_argument("--max-folds", type=int, default=0, help="train only the first N folds (0 = all)")
+    group.add_argument("--max-folds", type=at_least(0), default=0, help="train only the first N folds (0 = all)")
     group.add_argument("--mlflow-uri", default=None,
                        help="MLflow tracking URI (default: " + ("OUT/mlflow.db" if local else "the pipeline's") + ")")
 
@@ -117,7 +168,8 @@ def _preprocess(args) -> None:
         detection=DetectionSettings(confidence=args.confidence, on_no_face=args.on_no_face),
         landmarks=LandmarkSettings(source=args.landmarks),
     )
-    options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds, args.subjects_meta)
+    options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds, args.subjects_meta,
+                             args.allow_outside_links)
     manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers,
                               args.cache)
     log.info(summary(manifest, seconds))
@@ -193,7 +245,7 @@ def _schedule(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferpipe", description="Facial expression recognition: the part-based "
+    parser = Parser(prog="ferpipe", description="Facial expression recognition: the part-based "
                                      "ensemble of Wadhawan & Gandhi, as a Kubeflow pipeline or on this machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="library logs too, and tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -201,12 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("preprocess", help="stages 1-4: input, CLAHE, face detection, landmarks; plus folds")
     _data_options(pre, remote=False)
     pre.add_argument("--out", required=True, help="output dataset directory: a folder or s3://bucket/prefix")
-    pre.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    pre.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
     pre.add_argument("--cache", default=None,
                      help="folder or s3:// URI of per-image results: a rerun redoes only new or changed images")
     pre.add_argument("--subject-pattern", default=DEFAULT_SUBJECT_PATTERN,
                      help="folder layout: regex whose first group is the subject id in the file name")
     pre.add_argument("--subjects-csv", default=None, help="folder layout: CSV with columns path,subject")
+    pre.add_argument("--allow-outside-links", action="store_true",
+                     help="read symlinks that lead out of --data (default: record them as outside_data, unread)")
     _preprocess_options(pre)
     pre.set_defaults(handler=_preprocess)
 
@@ -214,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--manifest", required=True, help="a preprocessed dataset directory (or its manifest.parquet)")
     train.add_argument("--out", required=True, help="run directory: results.json, tables, confusion matrices")
     train.add_argument("--dataset", default=None, choices=DATASETS, help="picks the paper profile's epochs")
-    train.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="I",
+    train.add_argument("--only-folds", type=at_least(0), nargs="+", default=None, metavar="I",
                        help="train and test only these folds (default: all)")
     train.add_argument("--test-manifest", default=None,
                        help="cross-dataset (the paper's Table III): train on all of --manifest, test on this dataset")
@@ -227,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-data", help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
     demo.add_argument("--out", default="data/demo-synthetic")
-    demo.add_argument("--subjects", type=int, default=10)
-    demo.add_argument("--per-expression", type=int, default=3)
+    demo.add_argument("--subjects", type=at_least(2), default=10)
+    demo.add_argument("--per-expression", type=at_least(1), default=3)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_data)
 
@@ -262,12 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.for_console(args.verbose)
+    for name, value in MLFLOW_BOUNDS.items():
+        os.environ.setdefault(name, value)
     try:
         args.handler(args)
     except UserError as err:
         if args.verbose:
             raise
         print(f"ferpipe: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.verbose or err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"ferpipe: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ferpipe: interrupted", file=sys.stderr)

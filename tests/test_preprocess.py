@@ -152,7 +152,8 @@ def test_ckplus_dataset_landmarks_follow_the_resize_and_the_crop(face_gray, tmp_
     ],
 )
 def test_cli_user_mistakes_are_one_line_and_exit_2(args, message, tmp_path, capsys):
-    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
     assert main(["preprocess", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -33,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ferpipe.console import progress_bar
 from ferpipe.crossval.html_report import manifest_fingerprint, write_report
-from ferpipe.data.folds import TRAIN_ONLY, fold_ids, split_fold
+from ferpipe.data.folds import TRAIN_ONLY, check_trainable, fold_ids, split_fold
 from ferpipe.data.manifest import OK, read_manifest
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.data.storage import Store, atomic_write, open_store
@@ -165,6 +165,7 @@ def train_eval(
     profile = get_profile(profile, dataset)
     store = _dataset_store(manifest_uri)
     manifest = read_manifest(store)
+    check_trainable(manifest, str(store.uri))
     classes = class_names(manifest)
     chosen = list(folds) if folds is not None else fold_ids(manifest)
     unknown = sorted(set(chosen) - set(fold_ids(manifest)))
@@ -250,6 +251,7 @@ def cross_dataset_eval(
     manifest = read_manifest(train_store)
     usable = manifest[manifest["status"] == OK]
     side = usable[usable["fold"] == TRAIN_ONLY] if (usable["fold"] == TRAIN_ONLY).any() else usable
+    check_trainable(side, f"the training side of {train_store.uri}")
     classes = class_names(side)
     # A fold number no row has: nothing is tested, validation subjects are drawn from the rest.
     split = split_fold(side, fold=int(side["fold"].max()) + 1, val_fraction=profile.val_fraction, seed=seed)

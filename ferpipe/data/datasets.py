@@ -7,10 +7,12 @@ protocol takes, and `inventory` asks the right adapter what the data offers.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 
-from ferpipe.data.adapters import Inventory, image_id
+from ferpipe.data.adapters import Inventory, image_id, printable
 from ferpipe.data.adapters.ckplus import list_ckplus
 from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, read_subject_csv
 from ferpipe.data.adapters.jaffe import list_jaffe
@@ -29,12 +31,16 @@ class DatasetOptions:
     n_folds: int = 10
     # A CSV of per-subject attributes (ferpipe.data.subject_meta); None: the dataset's own, if it has one.
     subject_meta: str | None = None
+    allow_outside_links: bool = False  # follow symlinks out of the data folder (else: status outside_data)
 
 
-def open_source(data: str) -> Store:
+def open_source(data: str, allow_outside_links: bool = False) -> Store:
+    """The raw data's store; a local one is confined to the folder (see LocalStore)."""
     store = open_store(data)
-    if isinstance(store, LocalStore) and not store.root.is_dir():
-        raise UserError(f"data folder not found: {data}")
+    if isinstance(store, LocalStore):
+        if not store.root.is_dir():
+            raise UserError(f"data folder not found: {data}")
+        store = LocalStore(store.root, confined=True, allow_outside=allow_outside_links)
     return store
 
 
@@ -67,7 +73,16 @@ def inventory(dataset: str, source: Store, options: DatasetOptions = DatasetOpti
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not found.offers:
         raise UserError(f"no images found for dataset {dataset!r} under {source.uri}")
-    ids = [image_id(o.key) for o in found.offers]
-    if len(set(ids)) != len(ids):
-        raise UserError("two source paths map to one image id; rename the files that differ only in punctuation")
+    assign_image_ids(found.offers)
     return found
+
+
+def assign_image_ids(offers) -> None:
+    """Every offer its own id: the readable id from its path, plus a hash of the path's bytes where that
+    id alone would be ambiguous (a name that is not UTF-8, or two names differing only in punctuation)."""
+    ids = [image_id(o.key) for o in offers]
+    counts = Counter(ids)
+    for offer, readable in zip(offers, ids):
+        raw = os.fsencode(offer.key)
+        lossy = counts[readable] > 1 or printable(offer.key) != offer.key
+        offer.image_id = f"{readable}-{hashlib.sha256(raw).hexdigest()[:10]}" if lossy else readable

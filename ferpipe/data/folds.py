@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ferpipe.data.manifest import OK
+from ferpipe.errors import UserError
 
 TRAIN_ONLY = -1
 
@@ -71,6 +72,20 @@ def split_fold(manifest: pd.DataFrame, fold: int, val_fraction: float = 0.15, se
     val_subjects = set(rng.choice(subjects, size=n_val, replace=False).tolist()) if n_val else set()
     in_val = rest["subject"].isin(val_subjects)
     return FoldSplit(fold=fold, train=rest[~in_val], val=rest[in_val], test=test)
+
+
+def check_trainable(manifest: pd.DataFrame, what: str = "the manifest") -> None:
+    """A UserError unless the usable rows hold two classes and two subjects: one class scores 100% by
+    construction, and one subject cannot be on both sides of a subject-independent split."""
+    usable = manifest[manifest["status"] == OK]
+    classes, subjects = sorted(usable["label"].dropna().unique()), usable["subject"].nunique()
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise UserError(f"{what} has {len(usable)} usable images with {found} as class; training needs at least "
+                        "two classes")
+    if subjects < 2:
+        raise UserError(f"{what} has usable images of {subjects} subject(s); a subject-independent split needs at "
+                        "least two (check --subject-pattern or --subjects-csv)")
 
 
 def check_subject_independence(manifest: pd.DataFrame) -> None:

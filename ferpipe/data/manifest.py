@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ferpipe.data.storage import Store, open_store
+from ferpipe.errors import UserError
 
 MANIFEST_NAME = "manifest.parquet"
 OK = "ok"
@@ -26,6 +27,7 @@ TOO_SMALL = "too_small"
 BAD_LABEL = "bad_label"  # a label the dataset does not define, or an unreadable label file
 NO_FACE = "no_face"
 NO_LANDMARKS = "no_landmarks"
+OUTSIDE_DATA = "outside_data"  # a symlink that leaves the data folder: neither read nor hashed
 
 SCHEMA = pa.schema(
     [
@@ -44,6 +46,9 @@ SCHEMA = pa.schema(
         ("detector", pa.string()),
         ("landmarks", pa.list_(pa.float32())),
         ("fold", pa.int32()),
+        # The file name's exact bytes when they are not UTF-8 (`source` then shows them escaped, \xNN).
+        ("source_bytes", pa.binary()),
+        ("exif_orientation", pa.int8()),  # the EXIF rotation/flip applied before stage 1 (1 = none)
     ]
 )
 COLUMNS = SCHEMA.names
@@ -75,8 +80,18 @@ def write_manifest(rows: pd.DataFrame | list[dict], where: str | Store) -> None:
 
 
 def read_manifest(where: str | Store) -> pd.DataFrame:
+    """The published manifest; a UserError when a run into `where` is under way or stopped before publishing."""
+    from ferpipe.data.output import LOCK_NAME, STAGING_DIR
+
     store = open_store(where)
-    return pq.read_table(io.BytesIO(store.read_bytes(MANIFEST_NAME))).to_pandas()
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        if store.exists(LOCK_NAME) or store.list(STAGING_DIR):
+            raise UserError(f"{store.uri} holds no published manifest: a run into it is under way or stopped "
+                            "before publishing (rerun it)") from None
+        raise
+    return pq.read_table(io.BytesIO(data)).to_pandas()
 
 
 def status_counts(manifest: pd.DataFrame) -> dict[str, int]:

@@ -4,24 +4,40 @@ Every stage reads and writes through a `Store`, so the same code runs on a
 laptop (local folders) and on the cluster (MinIO). S3 endpoint and credentials
 come from the environment only, never from arguments that could end up in logs
 or pipeline specs.
+
+Every S3 call is bounded: connect and read timeouts, a few retries with
+backoff, then one `StorageError` naming the endpoint and what failed. The SDK's
+own defaults (5 minutes per timeout, retries on top) let a server that accepts
+connections and never answers hang a run for as long as anyone waits.
+
+A local store that reads a dataset is *confined*: a symlink that resolves
+outside its root is neither read nor hashed (`escapes` says which keys), and
+only regular files are read, so a link to /dev/zero or a FIFO cannot hang a run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from ferpipe.errors import UserError
+from ferpipe.errors import StorageError, UserError
 
 # Names the S3 endpoint may be given under, most specific first. MLflow's and
 # the AWS SDK's own names are accepted so one Kubernetes Secret serves all.
 ENDPOINT_VARIABLES = ("FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+# Seconds a call may wait for a connection or for the server's next bytes, and how often a failed call is
+# retried (backoff 0, 2, 4, 8, 16 s: an outage of ~30 s passes unnoticed). Worst case per call: a server that
+# never answers costs (1 + READ_RETRIES) * timeout, ~60 s by default; a refused port ~30 s.
+TIMEOUT_VARIABLE, RETRIES_VARIABLE = "FERPIPE_S3_TIMEOUT", "FERPIPE_S3_RETRIES"
+DEFAULT_TIMEOUT, DEFAULT_RETRIES, READ_RETRIES, BACKOFF = 20.0, 5, 2, 1.0
 
 
 @contextlib.contextmanager
@@ -91,17 +107,47 @@ class Store:
         """A filesystem path for `key` when the store is local, else None."""
         return None
 
+    def delete(self, key: str) -> None:
+        """Remove `key` if it is there."""
+        raise NotImplementedError
+
+    def escapes(self, key: str) -> bool:
+        """Whether `key` resolves outside the store's root (a symlink out of the data folder)."""
+        return False
+
+
+class OutsideRoot(PermissionError):
+    """A confined store was asked to read a key that resolves outside its root."""
+
 
 class LocalStore(Store):
-    def __init__(self, root: str | os.PathLike):
+    """A folder. `confined`: reads stay inside it (symlinks out are refused) and touch regular files only."""
+
+    def __init__(self, root: str | os.PathLike, confined: bool = False, allow_outside: bool = False):
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
+        self.confined = confined
+        self.allow_outside = allow_outside  # the user said links out of the folder are theirs to follow
 
     def _path(self, key: str) -> Path:
         return self.root / key if key else self.root
 
+    def escapes(self, key: str) -> bool:
+        resolved = os.path.realpath(self._path(key))
+        root = os.path.realpath(self.root)
+        return os.path.commonpath([resolved, root]) != root
+
     def read_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        if not self.confined:
+            return self._path(key).read_bytes()
+        if not self.allow_outside and self.escapes(key):
+            raise OutsideRoot(errno.EACCES, "resolves outside the data folder", key)
+        # Opened without following a swap: the file read is the one checked, and a FIFO cannot block the open.
+        fd = os.open(os.path.realpath(self._path(key)), os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file", key)
+            return handle.read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), data)  # a killed run never leaves half a file
@@ -115,7 +161,8 @@ class LocalStore(Store):
             return [prefix]
         if not base.is_dir():
             return []
-        keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() or p.is_symlink()]
+        # Every entry but a directory: links, FIFOs and devices become rows too, which reading then refuses.
+        keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_symlink() or not p.is_dir()]
         return sorted(k for k in keys if not Path(k).name.startswith("."))
 
     def size(self, key: str) -> int:
@@ -129,57 +176,85 @@ class LocalStore(Store):
         return found
 
     def child(self, key: str) -> "LocalStore":
-        return LocalStore(self._path(key))
+        return LocalStore(self._path(key), self.confined, self.allow_outside)
 
     def local_path(self, key: str = "") -> Path:
         return self._path(key)
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
 
 class S3Store(Store):
-    """An s3://bucket/prefix on MinIO or any S3 server, through the MinIO SDK."""
+    """An s3://bucket/prefix on MinIO or any S3 server, through the MinIO SDK; every call bounded in time."""
 
     def __init__(self, uri: str, client=None):
+        from minio.helpers import check_bucket_name
+
         parsed = urlparse(uri)
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        try:
+            check_bucket_name(self.bucket, strict=True, s3_check=True)
+        except ValueError as err:
+            raise UserError(f"{uri}: {self.bucket!r} is not a valid S3 bucket name ({err})") from None
         self.client = client or s3_client_from_env()
 
     def _key(self, key: str) -> str:
         return "/".join(p for p in (self.prefix, key.strip("/")) if p)
 
-    def read_bytes(self, key: str) -> bytes:
-        response = self.client.get_object(self.bucket, self._key(key))
+    @contextlib.contextmanager
+    def _call(self, operation: str, key: str = ""):
+        """S3 and network failures as one StorageError; a missing object as FileNotFoundError."""
+        from minio.error import MinioException, S3Error
+        from urllib3.exceptions import HTTPError
+
+        where = f"s3://{self.bucket}/{self._key(key)}"
         try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+            yield
+        except S3Error as err:
+            if err.code in MISSING_OBJECT:
+                raise FileNotFoundError(errno.ENOENT, "no such object", where) from None
+            raise StorageError(f"S3 at {endpoint_of(self.client)}: {explain_s3_error(err, self.bucket)} "
+                               f"({operation} {where})") from None
+        except (MinioException, HTTPError, OSError) as err:
+            raise StorageError(f"S3 at {endpoint_of(self.client)}: {explain_network_error(err)} "
+                               f"({operation} {where})") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._call("read", key):
+            response = self.client.get_object(self.bucket, self._key(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # A PUT is atomic on S3: readers see the old object or the new one, never half.
-        self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
+        with self._call("write", key):
+            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
 
     def exists(self, key: str) -> bool:
-        from minio.error import S3Error
-
         try:
-            self.client.stat_object(self.bucket, self._key(key))
+            with self._call("stat", key):
+                self.client.stat_object(self.bucket, self._key(key))
             return True
-        except S3Error as err:
-            if err.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
-                return False
-            raise
+        except FileNotFoundError:
+            return False
 
     def list(self, prefix: str = "") -> list[str]:
         root = self._key(prefix)
         root = f"{root}/" if root and not prefix.endswith((".", "/")) else root
         start = len(self.prefix) + 1 if self.prefix else 0
-        objects = self.client.list_objects(self.bucket, prefix=root, recursive=True)
-        return sorted(o.object_name[start:] for o in objects if not o.is_dir)
+        with self._call("list", prefix):
+            objects = self.client.list_objects(self.bucket, prefix=root, recursive=True)
+            return sorted(o.object_name[start:] for o in objects if not o.is_dir)
 
     def size(self, key: str) -> int:
-        return self.client.stat_object(self.bucket, self._key(key)).size
+        with self._call("stat", key):
+            return self.client.stat_object(self.bucket, self._key(key)).size
 
     def entries(self, prefix: str = "") -> list[Entry]:
         root = self._key(prefix)
@@ -193,13 +268,90 @@ class S3Store(Store):
     def child(self, key: str) -> "S3Store":
         return S3Store(f"s3://{self.bucket}/{self._key(key)}", client=self.client)
 
+    def delete(self, key: str) -> None:
+        with self._call("delete", key):
+            self.client.remove_object(self.bucket, self._key(key))
+
+    def copy(self, source_key: str, key: str) -> None:
+        """A server-side copy inside this store: no bytes through this machine."""
+        from minio.commonconfig import CopySource
+
+        with self._call("copy", key):
+            self.client.copy_object(self.bucket, self._key(key), CopySource(self.bucket, self._key(source_key)))
+
+    def check_bucket(self) -> None:
+        """A StorageError now, naming the bucket, rather than later on a write: some servers
+        (SeaweedFS) create a missing bucket on the first PUT instead of refusing it."""
+        with self._call("check bucket"):
+            found = self.client.bucket_exists(self.bucket)
+        if not found:
+            raise StorageError(f"S3 at {endpoint_of(self.client)}: bucket {self.bucket!r} does not exist "
+                               f"(create it, or fix the URI {self.uri})")
+
     def ensure_bucket(self) -> None:
-        if not self.client.bucket_exists(self.bucket):
-            self.client.make_bucket(self.bucket)
+        with self._call("create bucket"):
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
 
 
-def s3_client_from_env():
-    """A MinIO client configured from the environment (endpoint, keys), or a clear error."""
+MISSING_OBJECT = ("NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound")
+
+
+def endpoint_of(client) -> str:
+    url = getattr(client, "_base_url", None)
+    host = getattr(url, "host", None)
+    return f"{'https' if getattr(url, 'is_https', False) else 'http'}://{host}" if host else "the S3 endpoint"
+
+
+def explain_s3_error(err, bucket: str) -> str:
+    """What a person can act on, from the server's error code."""
+    code = err.code or ""
+    if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AuthorizationHeaderMalformed"):
+        return f"signature rejected ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if code == "AccessDenied":
+        return "access denied: these credentials may not use this bucket or prefix"
+    if code == "NoSuchBucket":
+        return f"bucket {bucket!r} does not exist"
+    return f"{code or 'error'}: {err.message or ''}".strip().rstrip(":")
+
+
+def explain_network_error(err: BaseException) -> str:
+    from minio.error import InvalidResponseError, ServerError
+    from urllib3.exceptions import (
+        ConnectTimeoutError,
+        MaxRetryError,
+        NameResolutionError,
+        NewConnectionError,
+        ProtocolError,
+        ReadTimeoutError,
+    )
+
+    reason = err.reason if isinstance(err, MaxRetryError) and err.reason is not None else err
+    tries = "after retries" if isinstance(err, MaxRetryError) else ""
+    # Order matters: urllib3 2 makes NewConnectionError (and NameResolutionError) a ConnectTimeoutError.
+    if isinstance(reason, NameResolutionError):
+        text = "host name not found"
+    elif isinstance(reason, NewConnectionError):
+        text = "connection refused (is the server running?)" if "refused" in str(reason) else f"cannot connect: {reason}"
+    elif isinstance(reason, ConnectTimeoutError):
+        text = "connect timed out"
+    elif isinstance(reason, ReadTimeoutError):
+        text = "the server accepted the connection but did not answer in time (read timed out)"
+    elif isinstance(reason, ProtocolError):
+        text = "connection dropped mid-answer"
+    elif isinstance(err, ServerError):
+        text = f"server error {err.status_code}"
+    elif isinstance(err, InvalidResponseError):
+        text = "the answer is not S3's (is this an S3 endpoint?)"
+    else:
+        text = f"{type(reason).__name__}: {reason}"
+    return f"{text} {tries}".strip()[:300]
+
+
+def s3_client_from_env(retries: int | None = None, timeout: float | None = None):
+    """A MinIO client configured from the environment (endpoint, keys, timeouts), or a clear error."""
+    import certifi
+    import urllib3
     from minio import Minio
 
     endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
@@ -209,14 +361,34 @@ def s3_client_from_env():
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not access or not secret:
         raise UserError("an s3:// URI needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+    timeout = _number(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT) if timeout is None else timeout
+    retries = int(_number(RETRIES_VARIABLE, DEFAULT_RETRIES)) if retries is None else retries
     parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-    return Minio(
-        parsed.netloc,
-        access_key=access,
-        secret_key=secret,
-        secure=parsed.scheme == "https",
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        # Every method retried: ferpipe's writes are whole-object PUTs, safe to repeat.
+        retries=urllib3.Retry(total=retries, connect=retries, read=min(retries, READ_RETRIES), status=retries,
+                              backoff_factor=BACKOFF, status_forcelist=(500, 502, 503, 504), allowed_methods=None,
+                              raise_on_status=False),
     )
+    try:
+        return Minio(parsed.netloc, access_key=access, secret_key=secret, secure=parsed.scheme == "https",
+                     region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), http_client=http)
+    except ValueError as err:
+        raise UserError(f"S3 endpoint {endpoint!r} is not usable: {err}") from None
+
+
+def _number(variable: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(variable) or default)
+    except ValueError:
+        raise UserError(f"{variable} must be a number of seconds or tries") from None
+    if value < 0:
+        raise UserError(f"{variable} must not be negative")
+    return value
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -230,3 +402,15 @@ def open_store(uri: "str | os.PathLike | Store") -> Store:
     if is_s3(uri):
         return S3Store(str(uri))
     return LocalStore(uri)
+
+
+def same_or_inside(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
+    """Whether location `inner` is `outer` or lies below it (local paths resolved; s3 URIs by bucket and prefix)."""
+    inner, outer = str(inner), str(outer)
+    if is_s3(inner) != is_s3(outer):
+        return False
+    if is_s3(inner):
+        a, b = inner.rstrip("/") + "/", outer.rstrip("/") + "/"
+        return a.startswith(b)
+    a, b = os.path.realpath(os.path.expanduser(inner)), os.path.realpath(os.path.expanduser(outer))
+    return os.path.commonpath([a, b]) == b

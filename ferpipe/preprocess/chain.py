@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ferpipe.data.manifest import NO_FACE, NO_LANDMARKS, OK
+from ferpipe.data.manifest import NO_FACE, NO_LANDMARKS, OK, OUTSIDE_DATA
 from ferpipe.data.storage import Store
 from ferpipe.preprocess import imaging, landmarks
 from ferpipe.preprocess.detection import DetectionSettings, FaceDetector, crop_face
@@ -76,15 +76,17 @@ def reject(record: dict, status: str, detail: str = "") -> dict:
 
 def read_input(record: dict, tools: StageTools) -> dict:
     """Stage 1: the offered file -> 300x300 gray repeated to 3 channels; sha256 of the original bytes."""
+    if record["status"] == OUTSIDE_DATA:
+        return record  # never read, never hashed
     try:
         data = record.pop("_data", None) or tools.source.read_bytes(record["_key"])
     except OSError as err:
-        return reject(record, imaging.UNREADABLE, f"cannot read: {type(err).__name__}")
+        return reject(record, imaging.UNREADABLE, f"cannot read: {err.strerror or type(err).__name__}")
     record["sha256"] = hashlib.sha256(data).hexdigest()
     if record["status"] != OK:
         return record
     try:
-        gray = imaging.decode_gray(data)
+        gray, record["exif_orientation"] = imaging.decode_upright(data)
     except Reject as err:
         return reject(record, err.status, err.detail)
     size = tools.settings.frame_size

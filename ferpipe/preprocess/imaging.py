@@ -4,6 +4,14 @@ Stage 1 turns whatever arrived (JPEG, PNG, 8/16-bit and palette TIFF, alpha,
 CMYK) into one 8-bit gray image repeated to 3 channels, 300x300, bilinear.
 Anything that is not a decodable image of plausible size raises `Reject` with
 the status to record, never an exception the run dies of.
+
+Images are read as a person sees them: a camera that stored its pixels
+sideways and an EXIF orientation tag is turned upright before detection (the
+SSD finds few faces lying on their side). Memory follows what is decoded, not
+what the header declares: a large JPEG is decoded at 1/2, 1/4 or 1/8 scale by
+the decoder itself (the 300x300 frame needs far fewer pixels), and a format
+that cannot be reduced while decoding is refused when its raster alone would
+exceed MAX_DECODED_BYTES.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ferpipe.data.manifest import TOO_LARGE, TOO_SMALL, UNREADABLE
 
@@ -25,6 +33,19 @@ FRAME_SIZE = 300
 MAX_PIXELS = 50_000_000
 MAX_SIDE = 20_000
 MIN_SIDE = 32
+# JPEGs above this many pixels decode reduced (DCT scaling) to no less than REDUCED_SIDE on the short side.
+# Below it nothing changes, so results for ordinary photos stay bit-identical.
+REDUCE_ABOVE_PIXELS = 16_000_000
+REDUCED_SIDE = 1200
+# Memory a format that cannot decode reduced (PNG, TIFF, ...) may take to become gray, estimated from the
+# header as pixels x the peak bytes per pixel its mode costs here (measured: a 49 MP RGBA PNG peaks at ~18
+# bytes a pixel through the alpha composite; 16-bit gray at ~6 with the row-wise stretch below).
+MAX_DECODED_BYTES = 512 * 2**20
+PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 5, "RGB": 5, "YCbCr": 5, "CMYK": 6, "I;16": 6, "I;16B": 6,
+                        "I;16L": 6, "I;16N": 6, "I": 10, "F": 10}
+TRANSPARENT_PEAK_BYTES_PER_PIXEL = 18
+ROWS_PER_CHUNK = 256
+ORIENTATION_TAG = 0x0112
 
 
 class Reject(Exception):
@@ -43,7 +64,12 @@ class ClaheSettings:
 
 
 def decode_gray(data: bytes) -> np.ndarray:
-    """Bytes of any common image format -> 2-D uint8 gray, or Reject."""
+    """Bytes of any common image format -> 2-D uint8 gray, upright, or Reject."""
+    return decode_upright(data)[0]
+
+
+def decode_upright(data: bytes) -> tuple[np.ndarray, int]:
+    """(2-D uint8 gray turned upright by its EXIF orientation, the orientation applied: 1 = none), or Reject."""
     if not data:
         raise Reject(UNREADABLE, "empty file")
     try:
@@ -55,8 +81,12 @@ def decode_gray(data: bytes) -> np.ndarray:
                 raise Reject(TOO_LARGE, f"{width}x{height} exceeds {MAX_PIXELS} pixels or {MAX_SIDE} px a side")
             if min(width, height) < MIN_SIDE:
                 raise Reject(TOO_SMALL, f"{width}x{height} is under {MIN_SIDE} px a side")
+            _bound_decode(image)
             image.load()  # decodes now: truncated files fail here, not later
-            return _to_gray(image)
+            orientation = _orientation(image)  # after load: a PNG's getexif() would decode it anyway
+            if orientation != 1:
+                image = ImageOps.exif_transpose(image)
+            return _to_gray(image), orientation
     except Reject:
         raise
     except UnidentifiedImageError:
@@ -67,23 +97,57 @@ def decode_gray(data: bytes) -> np.ndarray:
         raise Reject(UNREADABLE, _short(err)) from None
 
 
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = int(image.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001  a broken EXIF block is no reason to lose the image
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _bound_decode(image: Image.Image) -> None:
+    """Decode large JPEGs reduced; refuse rasters too large to hold (before a byte is decoded)."""
+    width, height = image.size
+    if image.format in ("JPEG", "MPO") and width * height > REDUCE_ABOVE_PIXELS:
+        scale = min(width, height) / REDUCED_SIDE
+        image.draft(image.mode, (int(width / scale), int(height / scale)))
+        return
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    per_pixel = TRANSPARENT_PEAK_BYTES_PER_PIXEL if transparent else PEAK_BYTES_PER_PIXEL.get(
+        image.mode, TRANSPARENT_PEAK_BYTES_PER_PIXEL)
+    if width * height * per_pixel > MAX_DECODED_BYTES:
+        raise Reject(TOO_LARGE, f"{width}x{height} {image.mode} would take ~{width * height * per_pixel / 2**20:.0f}"
+                     f" MiB to decode (limit {MAX_DECODED_BYTES / 2**20:.0f} MiB)")
+
+
 def _to_gray(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit gray: stretch the used range to 8 bits; a plain convert('L') clips at 255.
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)
         low, high = float(pixels.min()), float(pixels.max())
         scale = 255.0 / (high - low) if high > low else 0.0
-        return np.clip((pixels - low) * scale, 0, 255).astype(np.uint8)
+        return _rows_to_uint8(pixels, lambda rows: (rows - low) * scale)
     if mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        return np.clip(pixels * (255.0 if pixels.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        pixels = np.asarray(image)
+        factor = 255.0 if pixels.max() <= 1.0 else 1.0
+        return _rows_to_uint8(pixels, lambda rows: rows * factor)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Transparent pixels over white, as a viewer shows them, instead of the undefined colour beneath.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _rows_to_uint8(pixels: np.ndarray, transform) -> np.ndarray:
+    """transform(float64 rows) clipped to uint8, a band of rows at a time: the same numbers as on the
+    whole image at once, without a float64 copy of all of it."""
+    out = np.empty(pixels.shape, np.uint8)
+    for start in range(0, pixels.shape[0], ROWS_PER_CHUNK):
+        rows = pixels[start:start + ROWS_PER_CHUNK].astype(np.float64)
+        out[start:start + ROWS_PER_CHUNK] = np.clip(transform(rows), 0, 255).astype(np.uint8)
+    return out
 
 
 def _short(err: Exception) -> str:

@@ -3,7 +3,10 @@
 `preprocess` is the CLI's fused stages 1-4 (plus folds); `ingest` and
 `apply_stages` are the same machinery cut where the KFP components cut it.
 Pixels go to `images/<image_id>.png` in the output store; the manifest is
-written last, once, so an interrupted run leaves no half manifest.
+written last, once, so an interrupted run leaves no half manifest. A run owns
+its output while it writes (ferpipe.data.output): it stages everything and
+publishes the manifest last, so two runs never mix and a reader never trusts
+half an output.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import pandas as pd
 
 from ferpipe.console import progress_bar
 from ferpipe.data import folds
-from ferpipe.data.adapters import Offer, image_id
+from ferpipe.data.adapters import Offer, image_id, printable
 from ferpipe.data.datasets import DatasetOptions, inventory, open_source, subject_meta_uri
-from ferpipe.data.manifest import OK, empty_row, read_manifest, status_counts, write_manifest
-from ferpipe.data.storage import Store, open_store
+from ferpipe.data.manifest import OK, OUTSIDE_DATA, empty_row, read_manifest, status_counts, write_manifest
+from ferpipe.data.output import claim_output
+from ferpipe.data.storage import LocalStore, Store, open_store, same_or_inside
 from ferpipe.data.subject_meta import join_subject_meta, load_subject_meta
+from ferpipe.errors import UserError
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess.cache import ImageCache
 from ferpipe.preprocess.chain import STAGE_ORDER, PreprocessSettings, StageTools, run_stages
@@ -40,11 +45,18 @@ def default_workers() -> int:
 
 def offer_record(offer: Offer, source: Store) -> dict:
     record = empty_row()
+    # The file system's names may hold any bytes; the manifest's text columns must be UTF-8.
+    name = printable(offer.key)
     record.update(
-        image_id=image_id(offer.key), subject=offer.subject, label=offer.label, split=offer.split,
-        source=f"{source.uri.rstrip('/')}/{offer.key}", status=offer.status, detail=offer.detail,
-        _key=offer.key, _landmarks_key=offer.landmarks_key,
+        image_id=offer.image_id or image_id(offer.key), subject=printable(offer.subject), label=printable(offer.label),
+        split=offer.split, source=f"{source.uri.rstrip('/')}/{name}", status=offer.status,
+        detail=printable(offer.detail), _key=offer.key, _landmarks_key=offer.landmarks_key,
     )
+    if name != offer.key:
+        record["source_bytes"] = os.fsencode(offer.key)
+    if source.escapes(offer.key):
+        record.update(status=OUTSIDE_DATA, detail="a symlink out of the data folder: not read "
+                      "(--allow-outside-links follows it)")
     return record
 
 
@@ -52,14 +64,14 @@ def offer_record(offer: Offer, source: Store) -> dict:
 _worker: dict = {}
 
 
-def _init_worker(settings: PreprocessSettings, source_uri: str | None, input_uri: str | None, out_uri: str,
+def _init_worker(settings: PreprocessSettings, source_uri: str | Store | None, input_uri: str | None, out_uri: str,
                  cache_uri: str | None = None, names: tuple[str, ...] = ()) -> None:
     # Parallelism is across processes; a multi-threaded OpenCV per process would fight over the cores.
     cv2.setNumThreads(1)
     tools = _worker.get("tools")
     if tools is None or tools.settings != settings:  # a forked worker inherits the parent's loaded models
         tools = StageTools(settings)
-    tools.source = open_store(source_uri) if source_uri else None
+    tools.source = open_store(source_uri) if source_uri else None  # a LocalStore arrives as itself: confined
     cache = ImageCache(open_store(cache_uri), names, settings.as_dict()) if cache_uri else None
     _worker.update(tools=tools, input=open_store(input_uri) if input_uri else None, out=open_store(out_uri),
                    cache=cache)
@@ -77,6 +89,8 @@ def _input_bytes(record: dict, names: tuple[str, ...]) -> bytes | None:
     """The bytes the record enters these stages with: the original file, or the last stage's PNG."""
     try:
         if names[0] == "input":
+            if record["status"] == OUTSIDE_DATA:
+                return None
             return _worker["tools"].source.read_bytes(record["_key"])
         if record["status"] == OK and record.get("image_path") and _worker["input"] is not None:
             return _worker["input"].read_bytes(record["image_path"])
@@ -124,7 +138,9 @@ def run_records(records: list[dict], names: tuple[str, ...], settings: Preproces
                 desc: str = "preprocess", cache: Store | None = None) -> tuple[list[dict], int]:
     """Apply stages `names` to every record on `workers` processes; (rows in input order, cache hits)."""
     workers = max(1, workers or default_workers())
-    init = (settings, source.uri if source else None, input_store.uri if input_store else None, out.uri,
+    # Stores travel as URIs (an S3 client does not pickle), except a local source, whose confinement must too.
+    source_arg = source if isinstance(source, LocalStore) else source.uri if source else None
+    init = (settings, source_arg, input_store.uri if input_store else None, out.uri,
             cache.uri if cache else None, names)
     jobs = [(r, names) for r in records]
     bar = dict(total=len(jobs), desc=desc, unit="img", mininterval=1.0)
@@ -146,21 +162,40 @@ def ingest(dataset: str, data: str, out: str, settings: PreprocessSettings = Pre
     """From a raw dataset through `names` (stage 1 first) to a dataset directory with folds."""
     if names[0] != "input":
         raise ValueError("ingest starts at the input stage")
-    source = open_source(data)
+    check_locations(data, out, cache)
+    source = open_source(data, options.allow_outside_links)
     found = inventory(dataset, source, options)
     meta_uri = subject_meta_uri(dataset, source, options)  # who the subjects are, for accuracy per group
     meta = load_subject_meta(meta_uri) if meta_uri else None  # read first: a bad CSV fails before the work
     out_store = open_store(out)
     records = [offer_record(o, source) for o in found.offers]
-    rows, hits = run_records(records, names, settings, out_store, source=source, workers=workers,
-                             desc="+".join(names), cache=open_store(cache) if cache else None)
-    manifest = pd.DataFrame(rows)
-    manifest.attrs["cache_hits"] = hits
-    manifest["fold"] = folds.assign_folds(manifest, found.protocol, options.n_folds)
-    manifest.attrs["notes"] = found.notes
-    manifest = join_subject_meta(manifest, meta)
-    write_manifest(manifest, out_store)
+    with claim_output(out_store) as run:
+        rows, hits = run_records(records, names, settings, run.staging, source=source, workers=workers,
+                                 desc="+".join(names), cache=open_store(cache) if cache else None)
+        manifest = pd.DataFrame(rows)
+        manifest.attrs["cache_hits"] = hits
+        manifest["fold"] = folds.assign_folds(manifest, found.protocol, options.n_folds)
+        manifest.attrs["notes"] = found.notes
+        manifest = join_subject_meta(manifest, meta)
+        write_manifest(manifest, run.staging)
+        run.publish()
     return manifest
+
+
+def check_locations(data: str, out: str, cache: str | None = None) -> None:
+    """Refuse outputs that would become inputs: a rerun would ingest its own crops as faces."""
+    for flag, path in (("--out", out), ("--cache", cache)):
+        if path is None:
+            continue
+        if same_or_inside(path, data):
+            raise UserError(f"{flag} {path} is inside --data {data}: a rerun would read its own output as "
+                            "images; choose a folder outside the data")
+        if same_or_inside(data, path):
+            raise UserError(f"--data {data} is inside {flag} {path}: publishing would replace files beside "
+                            "the data; choose another folder")
+        local = None if str(path).startswith("s3://") else os.path.expanduser(path)
+        if local is not None and os.path.exists(local) and not os.path.isdir(local):
+            raise UserError(f"{flag} {path} is a file; it must be a folder (or an s3:// prefix)")
 
 
 def apply_stages(src: str, out: str, names: tuple[str, ...], settings: PreprocessSettings = PreprocessSettings(),
@@ -168,13 +203,16 @@ def apply_stages(src: str, out: str, names: tuple[str, ...], settings: Preproces
     """One or more later stages from one dataset directory to another (a KFP component's work)."""
     if "input" in names:
         raise ValueError("the input stage reads raw data: use ingest")
+    check_locations(src, out, cache)
     input_store, out_store = open_store(src), open_store(out)
     manifest = read_manifest(input_store)
     records = manifest.to_dict("records")
-    rows, hits = run_records(records, names, settings, out_store, input_store=input_store, workers=workers,
-                             desc="+".join(names), cache=open_store(cache) if cache else None)
-    result = pd.DataFrame(rows, columns=manifest.columns)
-    write_manifest(result, out_store)
+    with claim_output(out_store) as run:
+        rows, hits = run_records(records, names, settings, run.staging, input_store=input_store,
+                                 workers=workers, desc="+".join(names), cache=open_store(cache) if cache else None)
+        result = pd.DataFrame(rows, columns=manifest.columns)
+        write_manifest(result, run.staging)
+        run.publish()
     result.attrs["cache_hits"] = hits
     return result
 

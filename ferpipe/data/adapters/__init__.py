@@ -47,6 +47,7 @@ class Offer:
     detail: str = ""
     split: str = ""
     landmarks_key: str | None = None  # the dataset's own landmark file, if it has one
+    image_id: str = ""  # set by the inventory: unique among the offers
 
 
 @dataclass
@@ -64,6 +65,15 @@ def canonical_label(name: str) -> str | None:
 
 def is_image(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in IMAGE_SUFFIXES
+
+
+def printable(text: str) -> str:
+    """A name as text that UTF-8 can store: bytes that are not UTF-8 (surrogate escapes from the file
+    system) shown as \\xNN. Lossless together with the raw bytes, which the manifest keeps beside it."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file system byte made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def image_id(key: str) -> str:
