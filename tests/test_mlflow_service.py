@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -43,7 +44,11 @@ def fold_dir(root: Path, fold: int, rng) -> str:
     members = {slot: member_summary(fold, slot, i) for i, slot in enumerate(ENSEMBLE_PARTS)}
     out = root / f"fold{fold}"
     out.mkdir(parents=True)
-    (out / "predictions.csv").write_text("image_id,label\nx,happy\n")
+    names = np.array(CLASSES)
+    rows = {"image_id": [f"f{fold}_{i}" for i in range(6)], "subject": ["s1"] * 6, "label": names[labels]}
+    rows.update({slot: names[p.argmax(-1)] for slot, p in zip(ENSEMBLE_PARTS, probabilities)})
+    rows["ensemble"] = names[probabilities.sum(0).argmax(-1)]
+    (out / "predictions.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
     if fold == 0:  # predict_fold writes no Grad-CAM picture for a fold without test images
         (out / "gradcam.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(512))
     (out / "fold.json").write_text(json.dumps({"fold": fold, "classes": CLASSES, "network": "el", "profile": "smoke",
