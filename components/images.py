@@ -74,13 +74,22 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 # The Kubernetes Secret holding the object store's credentials; these keys become the tasks' environment.
 # What a pipeline pod needs, and why:
-#   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, FERPIPE_S3_ENDPOINT  ferpipe's own S3 data: the dataset,
+#   the S3 keys and FERPIPE_S3_ENDPOINT    ferpipe's own S3 data: the dataset,
 #       the caches, <work_uri>/<run id>/ (every task but the MLflow start step, which reads only params.json)
 #   the tracking URI                       a pipeline parameter (mlflow_uri), not a secret; nothing else for
 #       MLflow: the server proxies artifacts to S3 (--artifacts-destination), so MLFLOW_S3_ENDPOINT_URL is
 #       needed by the MLflow server's pod only (k8s/base/mlflow.yaml), no longer by tasks.
 STORAGE_SECRET = "ferpipe-storage"
 STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3_ENDPOINT")
+# The names the keys take in a task's environment. Not AWS_*: KFP's launcher runs in the task's own
+# container, and where it reads its artifact store's credentials from the environment (an s3:// pipeline
+# root without a `providers` entry, or one with `fromEnv: true` in the kfp-launcher ConfigMap) it takes
+# AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY through the AWS SDK's default chain: ours would replace
+# KFP's (kubeflow/pipelines backend/src/v2/objectstore, 2.2.0+, PR #10625). ferpipe reads these names
+# first (ferpipe/data/storage.py), AWS_* only outside pipelines.
+TASK_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "FERPIPE_S3_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY": "FERPIPE_S3_SECRET_ACCESS_KEY",
+                    "FERPIPE_S3_ENDPOINT": "FERPIPE_S3_ENDPOINT"}
 
 
 if __name__ == "__main__":  # `python -m components.images cpu` prints the reference `make images` builds

@@ -35,7 +35,14 @@ from components.augmentation_stage import augmentation_stage
 from components.clahe_stage import clahe_stage
 from components.detection_stage import detection_stage
 from components.fold_plan import fold_plan
-from components.images import GPU_NODE_LABEL, GPU_RESOURCE, GPU_TOLERATION, STORAGE_SECRET, STORAGE_SECRET_KEYS
+from components.images import (
+    GPU_NODE_LABEL,
+    GPU_RESOURCE,
+    GPU_TOLERATION,
+    STORAGE_SECRET,
+    STORAGE_SECRET_KEYS,
+    TASK_ENVIRONMENT,
+)
 from components.input_stage import input_fingerprint, input_stage
 from components.landmark_stage import landmark_stage
 from components.prediction_stage import prediction_stage
@@ -66,7 +73,7 @@ STAGE_RETRIES = dict(num_retries=2, backoff_duration="30s", backoff_factor=2.0, 
 def with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """Object-store credentials from the Kubernetes Secret, as environment variables; never parameters."""
     return kubernetes.use_secret_as_env(task, secret_name=STORAGE_SECRET,
-                                        secret_key_to_env={key: key for key in STORAGE_SECRET_KEYS})
+                                        secret_key_to_env={key: TASK_ENVIRONMENT[key] for key in STORAGE_SECRET_KEYS})
 
 
 def on_gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:

@@ -123,12 +123,16 @@ def test_credentials_come_from_the_secret_and_never_appear(spec, compiled):
     for name, config in platform.items():
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == "ferpipe-storage"
-        assert {e["envVar"] for e in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        names = {e["secretKey"]: e["envVar"] for e in secret["keyToEnv"]}
+        assert names["AWS_ACCESS_KEY_ID"] == "FERPIPE_S3_ACCESS_KEY_ID", name
+        assert names["AWS_SECRET_ACCESS_KEY"] == "FERPIPE_S3_SECRET_ACCESS_KEY", name
+        # No AWS_* in a task's environment: KFP's launcher, in the same container, could take them as its own.
+        assert not [v for v in names.values() if v.startswith("AWS_")], name
     parameters = ir["root"]["inputDefinitions"]["parameters"]
     assert not {p for p in parameters if any(w in p.lower() for w in ("secret", "password", "key"))}
     # The key's name appears only where the Secret is mapped to the environment, never with a value.
-    mentions = [line.strip() for line in compiled.read_text().splitlines() if "AWS_SECRET_ACCESS_KEY" in line]
-    assert mentions and set(mentions) <= {"- envVar: AWS_SECRET_ACCESS_KEY", "secretKey: AWS_SECRET_ACCESS_KEY"}
+    mentions = [line.strip() for line in compiled.read_text().splitlines() if "SECRET_ACCESS_KEY" in line]
+    assert mentions and set(mentions) <= {"- envVar: FERPIPE_S3_SECRET_ACCESS_KEY", "secretKey: AWS_SECRET_ACCESS_KEY"}
 
 
 def test_every_parameter_is_described_for_the_ui(spec):

@@ -28,8 +28,20 @@ def test_s3_uri_without_endpoint_is_a_user_error(monkeypatch):
         open_store("s3://bucket/prefix")
     monkeypatch.setenv("FERPIPE_S3_ENDPOINT", "http://127.0.0.1:1")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
-    with pytest.raises(UserError, match="AWS_ACCESS_KEY_ID"):
+    monkeypatch.delenv("FERPIPE_S3_ACCESS_KEY_ID", raising=False)
+    with pytest.raises(UserError, match="FERPIPE_S3_ACCESS_KEY_ID"):
         open_store("s3://bucket/prefix")
+
+
+def test_ferpipes_own_key_names_come_first(monkeypatch):
+    """In a pipeline task the keys arrive as FERPIPE_S3_*; AWS_* there may be KFP's own artifact credentials."""
+    monkeypatch.setenv("FERPIPE_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kfp-launcher-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kfp-launcher-secret")
+    monkeypatch.setenv("FERPIPE_S3_ACCESS_KEY_ID", "ferpipe-key")
+    monkeypatch.setenv("FERPIPE_S3_SECRET_ACCESS_KEY", "ferpipe-secret")
+    credentials = open_store("s3://bucket/prefix").client._provider.retrieve()
+    assert (credentials.access_key, credentials.secret_key) == ("ferpipe-key", "ferpipe-secret")
 
 
 def test_open_store_picks_the_backend(tmp_path, monkeypatch):

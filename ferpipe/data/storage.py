@@ -32,6 +32,10 @@ from ferpipe.errors import StorageError, UserError
 
 # Names the S3 endpoint may be given under, most specific first. MLflow's and
 # the AWS SDK's own names are accepted so one Kubernetes Secret serves all.
+# The keys, ferpipe's own names first: in a pipeline task the AWS_* names would also be read by KFP's
+# launcher as its artifact store's credentials (components/images.py); on a laptop AWS_* is what people set.
+ACCESS_KEY_VARIABLES = ("FERPIPE_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+SECRET_KEY_VARIABLES = ("FERPIPE_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")
 ENDPOINT_VARIABLES = ("FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 # Seconds a call may wait for a connection or for the server's next bytes, and how often a failed call is
 # retried (backoff 0, 2, 4, 8, 16 s: an outage of ~30 s passes unnoticed). Worst case per call: a server that
@@ -307,7 +311,7 @@ def explain_s3_error(err, bucket: str) -> str:
     """What a person can act on, from the server's error code."""
     code = err.code or ""
     if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AuthorizationHeaderMalformed"):
-        return f"signature rejected ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        return f"signature rejected ({code}): check the S3 keys ({ACCESS_KEY_VARIABLES[0]} or {ACCESS_KEY_VARIABLES[1]})"
     if code == "AccessDenied":
         return "access denied: these credentials may not use this bucket or prefix"
     if code == "NoSuchBucket":
@@ -357,10 +361,11 @@ def s3_client_from_env(retries: int | None = None, timeout: float | None = None)
     endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
     if not endpoint:
         raise UserError(f"an s3:// URI needs an endpoint: set {ENDPOINT_VARIABLES[0]} (e.g. http://minio:9000)")
-    access = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    access = next((os.environ[v] for v in ACCESS_KEY_VARIABLES if os.environ.get(v)), None)
+    secret = next((os.environ[v] for v in SECRET_KEY_VARIABLES if os.environ.get(v)), None)
     if not access or not secret:
-        raise UserError("an s3:// URI needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+        raise UserError(f"an s3:// URI needs {ACCESS_KEY_VARIABLES[0]} and {SECRET_KEY_VARIABLES[0]} (or "
+                        f"{ACCESS_KEY_VARIABLES[1]} and {SECRET_KEY_VARIABLES[1]}) in the environment")
     timeout = _number(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT) if timeout is None else timeout
     retries = int(_number(RETRIES_VARIABLE, DEFAULT_RETRIES)) if retries is None else retries
     parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
