@@ -248,9 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ferpipe", description="Facial expression recognition: the part-based "
                                      "ensemble of Wadhawan & Gandhi, as a Kubeflow pipeline or on this machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="library logs too, and tracebacks")
+    # The same flag after the verb (`ferpipe run ... -v`); SUPPRESS keeps the top level's value when absent.
+    common = Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="library logs too, and tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pre = commands.add_parser("preprocess", help="stages 1-4: input, CLAHE, face detection, landmarks; plus folds")
+    pre = commands.add_parser("preprocess", parents=[common], help="stages 1-4: input, CLAHE, face detection, landmarks; plus folds")
     _data_options(pre, remote=False)
     pre.add_argument("--out", required=True, help="output dataset directory: a folder or s3://bucket/prefix")
     pre.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
@@ -264,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _preprocess_options(pre)
     pre.set_defaults(handler=_preprocess)
 
-    train = commands.add_parser("train-eval", help="train and evaluate every fold in this process, outside Kubeflow")
+    train = commands.add_parser("train-eval", parents=[common], help="train and evaluate every fold in this process, outside Kubeflow")
     train.add_argument("--manifest", required=True, help="a preprocessed dataset directory (or its manifest.parquet)")
     train.add_argument("--out", required=True, help="run directory: results.json, tables, confusion matrices")
     train.add_argument("--dataset", default=None, choices=DATASETS, help="picks the paper profile's epochs")
@@ -275,35 +279,35 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(train, "demo")
     train.set_defaults(handler=_train_eval)
 
-    complexity = commands.add_parser("complexity", help="parameters, FLOPs and storage, beside the paper's")
+    complexity = commands.add_parser("complexity", parents=[common], help="parameters, FLOPs and storage, beside the paper's")
     complexity.add_argument("--classes", type=int, default=7, choices=(7, 8))
     complexity.set_defaults(handler=_complexity)
 
-    demo = commands.add_parser("demo-data", help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
+    demo = commands.add_parser("demo-data", parents=[common], help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
     demo.add_argument("--out", default="data/demo-synthetic")
     demo.add_argument("--subjects", type=at_least(2), default=10)
     demo.add_argument("--per-expression", type=at_least(1), default=3)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_data)
 
-    run = commands.add_parser("run", help="run the whole pipeline on this machine (KFP's local runner)")
+    run = commands.add_parser("run", parents=[common], help="run the whole pipeline on this machine (KFP's local runner)")
     _pipeline_options(run, local=True)
     run.add_argument("--out", default="runs/latest", help="where artifacts, results, logs and mlflow.db go")
     run.set_defaults(handler=_run)
 
-    comp = commands.add_parser("compile", help="write the pipeline's IR YAML for the Kubeflow UI")
+    comp = commands.add_parser("compile", parents=[common], help="write the pipeline's IR YAML for the Kubeflow UI")
     comp.add_argument("--out", default="pipelines/ferpipe.yaml")
     _gpu_option(comp)
     comp.set_defaults(handler=_compile)
 
-    sub = commands.add_parser("submit", help="start a run on a Kubeflow Pipelines endpoint")
+    sub = commands.add_parser("submit", parents=[common], help="start a run on a Kubeflow Pipelines endpoint")
     sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sub.add_argument("--run-name", default=None)
     _pipeline_options(sub, local=False)
     _gpu_option(sub)
     sub.set_defaults(handler=_submit)
 
-    sch = commands.add_parser("schedule", help="create a recurring run (reruns when new data arrives)")
+    sch = commands.add_parser("schedule", parents=[common], help="create a recurring run (reruns when new data arrives)")
     sch.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sch.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (daily at 03:00)")
     sch.add_argument("--name", default="ferpipe-rerun")
