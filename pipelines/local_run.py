@@ -178,6 +178,10 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
         raise UserError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     data = arguments["data_uri"]
     open_source(data)  # a missing folder is a one-line error here, not a failed task later
+    if arguments.get("mlflow_uri"):
+        from ferpipe.crossval.tracking import check_tracking_server
+
+        check_tracking_server(arguments["mlflow_uri"])  # likewise an unreachable MLflow server
     from kfp import local
 
     from pipelines.ferpipe_pipeline import build_pipeline

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 
 from pipelines.local_run import LiveView
 
@@ -30,3 +31,17 @@ def test_the_live_view_keeps_everything_in_the_log_and_counts_tasks(tmp_path, ca
     shown = console.out + console.err
     assert "a subprocess writes here too" not in shown  # the noise stays in the log
     assert "[3/" in shown and "train jaw: failure" in shown
+
+
+def test_an_unreachable_mlflow_server_is_one_line_before_anything_runs(tmp_path, capsys):
+    from pipelines.cli import main
+
+    data = tmp_path / "data" / "happy"
+    data.mkdir(parents=True)
+    started = time.perf_counter()
+    code = main(["run", "--dataset", "folder", "--data", str(data.parent), "--out", str(tmp_path / "out"),
+                 "--mlflow-uri", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "MLflow server at http://127.0.0.1:9 did not answer" in err[0]
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "out" / "artifacts").exists()  # refused before the pipeline started

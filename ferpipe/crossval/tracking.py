@@ -259,6 +259,31 @@ class Tracking:
 # ---------------------------------------------------------------------- what the pipeline's steps call
 
 
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """A UserError in one line when an http(s) tracking URI does not answer MLflow's /health.
+
+    Asked once before a run starts: otherwise the first task to log waits out
+    MLflow's own retries, then fails with a traceback in its log.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return  # a local file or database: MLflow creates it
+    import urllib.error
+    import urllib.request
+
+    from ferpipe.errors import UserError
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
+            if answer.status == 200:
+                return
+            reason = f"HTTP {answer.status}"
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code}"
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise UserError(f"the MLflow server at {uri} did not answer ({reason}): start it, or pass another --mlflow-uri")
+
+
 def start_pipeline_run(uri: str, experiment: str, kfp_run_id: str, run_name: str, tags: dict, params: dict) -> str:
     """The start step: the parent run, found or created; returns its id."""
     tracking = Tracking(uri, experiment, kfp_run_id)
