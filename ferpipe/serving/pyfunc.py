@@ -102,12 +102,18 @@ def answer_rows(prepared: Sequence[Prepared], graph, classes: Sequence[str], slo
     from ferpipe.model.augment import to_network_input
     from ferpipe.model.export import MEMBER_PROBABILITIES, PROBABILITIES
 
+    import cv2
+
     faces = [i for i, p in enumerate(prepared) if p.status == OK]
+    size = int(graph.inputs[0].shape[1])
     summed = np.zeros((len(prepared), len(classes)), np.float32)
     members = np.zeros((len(prepared), len(slots), len(classes)), np.float32)
     for start in range(0, len(faces), BATCH):
         chosen = faces[start:start + BATCH]
-        crops = to_network_input(np.stack([prepared[i].crop for i in chosen]))
+        # Training read the 160x160 crops and resized them to the profile's input the same way (examples.py).
+        crops = to_network_input(np.stack([
+            prepared[i].crop if prepared[i].crop.shape[0] == size
+            else cv2.resize(prepared[i].crop, (size, size), interpolation=cv2.INTER_LINEAR) for i in chosen]))
         # A direct call, not predict(): no per-call tf.data setup, which dominates at batch sizes this small.
         out = graph(crops, training=False)
         summed[chosen] = np.asarray(out[PROBABILITIES])
