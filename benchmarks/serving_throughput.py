@@ -89,9 +89,11 @@ def free_port() -> int:
 def serve_latency(model_dir: Path, photos: list[Path], requests: int, concurrency: int) -> dict:
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="ferpipe-serve-", suffix=".log", delete=False)
+    # `mlflow models serve` execs `uvicorn` by name: this interpreter's bin/ must be on PATH.
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.perf_counter()

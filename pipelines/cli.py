@@ -161,7 +161,8 @@ def _predict(args) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ and runs:/ URIs are looked up
     table = predict_files(args.model, args.input, args.out, args.annotate, args.workers)
     counts = ", ".join(f"{status} {n}" for status, n in table["status"].value_counts().items())
-    log.info(f"{len(table)} images ({counts}): {args.out}" + (f"; pictures in {args.annotate}" if args.annotate else ""))
+    pictures = f"; pictures in {args.annotate}" if args.annotate else ""
+    log.info(f"{len(table)} images ({counts}): {args.out}{pictures}")
 
 
 def _demo_data(args) -> None:

@@ -190,7 +190,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
 
-        with dsl.If(final_model == True, name="final model"):  # noqa: E712 (a pipeline parameter: compiled to a condition, not a bool)
+        # `== True` on a pipeline parameter compiles to the condition; `if final_model` would test a Python object.
+        with dsl.If(final_model == True, name="final model"):  # noqa: E712
             everyone = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=ALL_SUBJECTS,
                                                       profile=profile, dataset=dataset, seed=seed)).after(aggregated)
             everyone.set_display_name("augmentation, all subjects")

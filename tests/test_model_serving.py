@@ -40,7 +40,11 @@ def free_port() -> int:
 def post(url: str, payload: dict, timeout: float = 60) -> dict:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as answer:
-        return json.loads(answer.read())
+        return json.loads(answer.read(), parse_constant=not_json)
+
+
+def not_json(token: str):
+    raise ValueError(f"the server wrote {token}, which is not JSON (a browser's JSON.parse refuses it)")
 
 
 def images_payload(images: list[bytes]) -> dict:
@@ -71,6 +75,9 @@ def server(registered):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MLFLOW_TRACKING_URI"] = uri
+    # `mlflow models serve` execs `uvicorn` by name: this interpreter's bin/ must be on PATH, as in an activated venv.
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     log = open(root / "serve.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -89,7 +96,8 @@ def server(registered):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"no answer on {url}/ping in {START_TIMEOUT_S} s:\n" + (root / "serve.log").read_text()[-3000:])
+                pytest.fail(f"no answer on {url}/ping in {START_TIMEOUT_S} s:\n"
+                            + (root / "serve.log").read_text()[-3000:])
             time.sleep(1)
         yield url
     finally:
@@ -113,7 +121,8 @@ def test_the_served_model_answers_photos_broken_and_faceless_files(server, regis
         for name in [f"probability_{c}" for c in CLASSES] + ["face_x0", "face_y1"]:
             assert answer[name] == pytest.approx(expected[name], abs=1e-5)
         assert answer["vote_mouth"] == expected["vote_mouth"]
-    assert answers[-2].get("expression") is None and "face_x0" not in {k for k, v in answers[-1].items() if v}
+    for faceless in answers[-2:]:
+        assert faceless["expression"] is None and faceless["face_x0"] is None and faceless["vote_eyes"] is None
 
 
 def test_one_image_per_request_is_answered_too(server, london):

@@ -44,7 +44,7 @@ def test_every_image_gets_a_row_with_its_status(served, photos, tmp_path):
     answer = served.predict(table)
     assert list(answer["status"]) == [OK] * len(photos) + [UNREADABLE, NO_FACE, UNREADABLE, OK, UNREADABLE]
     ok = answer[answer["status"] == OK]
-    probabilities = ok[[f"probability_{c}" for c in CLASSES]].to_numpy()
+    probabilities = ok[[f"probability_{c}" for c in CLASSES]].to_numpy(dtype=float)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert list(ok["expression"]) == [CLASSES[i] for i in probabilities.argmax(axis=1)]
     assert set(ok.filter(like="vote_").to_numpy().ravel()) <= set(CLASSES)
@@ -69,10 +69,11 @@ def test_the_answer_is_the_pipelines_stages_then_the_sum_rule(served, exported, 
                             tools)
         crops.append(cv2.resize(record["pixels"], (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR))
     inputs = to_network_input(np.stack(crops))
-    separate = np.stack([np.asarray(m(inputs, training=False)) for m in members], axis=1)
+    separate = np.stack([np.asarray(m(inputs, training=False)) for m in members])  # (members, images, classes)
     expected = ensemble_probabilities(separate) / len(members)
     answer = served.predict(pd.DataFrame({"image": [p.read_bytes() for p in photos]}))
-    np.testing.assert_allclose(answer[[f"probability_{c}" for c in CLASSES]].to_numpy(), expected, atol=1e-5)
+    served_probabilities = answer[[f"probability_{c}" for c in CLASSES]].to_numpy(dtype=float)
+    np.testing.assert_allclose(served_probabilities, expected, atol=1e-5)
 
 
 def test_the_export_carries_signature_example_and_ssd_reference(exported):
@@ -97,8 +98,9 @@ def test_champion_moves_only_to_a_version_no_worse(exported, tmp_path, monkeypat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def register(accuracy: float, run: str) -> dict:
-        results = {"folds": {"0": {}, "1": {}}, "overall": {
-            "images": 40, "accuracy": {"eyes": 0.5, "ensemble": accuracy}, "mean_fold_accuracy": {"ensemble": accuracy}}}
+        overall = {"images": 40, "accuracy": {"eyes": 0.5, "ensemble": accuracy},
+                   "mean_fold_accuracy": {"ensemble": accuracy}}
+        results = {"folds": {"0": {}, "1": {}}, "overall": overall}
         return register_final_model(str(exported[0]), tracking_uri=uri, experiment="t", parent_run_id="",
                                     dataset="test", network="el", results=results, data_fingerprint="fp-" + run,
                                     kfp_run_id=run)
@@ -106,7 +108,7 @@ def test_champion_moves_only_to_a_version_no_worse(exported, tmp_path, monkeypat
     first, worse, tie = register(0.8, "r1"), register(0.7, "r2"), register(0.8, "r3")
     assert [first["champion"], worse["champion"], tie["champion"]] == [True, False, True]
     client = MlflowClient(uri)
-    assert client.get_model_version_by_alias("ferpipe-test-el", CHAMPION).version == tie["version"] == "3"
+    assert str(client.get_model_version_by_alias("ferpipe-test-el", CHAMPION).version) == tie["version"] == "3"
     tags = client.get_model_version("ferpipe-test-el", worse["version"]).tags
     assert tags["previous_champion_cv_accuracy"] == "0.800000" and tags["cv_accuracy"] == "0.700000"
     assert tags["champion_decision"].startswith("not champion") and tags["kfp_run_id"] == "r2"

@@ -165,7 +165,9 @@ class EnsembleModel(PythonModel):
             data, why = read_input(value)
             prepared.append(prepare(data, self.tools, why))
         rows = answer_rows(prepared, self.graph, self.info["classes"], self.info["members"])
-        return pd.DataFrame(rows, columns=output_columns(self.info["classes"], self.info["members"]))
+        frame = pd.DataFrame(rows, columns=output_columns(self.info["classes"], self.info["members"]))
+        # None, not NaN, where an image has no face: the scoring server would write NaN, which is not JSON.
+        return frame.astype(object).where(frame.notna(), None)
 
 
 # --- export -----------------------------------------------------------------------------------------------------

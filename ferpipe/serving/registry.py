@@ -91,7 +91,7 @@ def register_final_model(export_dir: str, *, tracking_uri: str, experiment: str,
         decision = (f"{'champion' if promoted else 'not champion'}: cross-validated accuracy {accuracy:.4f} "
                     f"{relation} champion version {current.version}'s {current_accuracy:.4f}")
     for key, value in {**tags, "champion_decision": decision,
-                       "previous_champion_version": current.version if current else "",
+                       "previous_champion_version": str(current.version) if current else "",
                        "previous_champion_cv_accuracy": "" if current_accuracy is None else f"{current_accuracy:.6f}",
                        }.items():
         client.set_model_version_tag(name, version, key, value)
