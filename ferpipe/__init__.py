@@ -9,6 +9,7 @@ before it (tests/test_layout.py reads the imports and checks it):
     model             stage 5's augmentation, the networks, profiles, training, the ensemble, export, complexity
     evaluate          scores, Table I, confusion matrices, Grad-CAM
     crossval          cross-validation end to end: fold datasets, per-fold steps, member cache, tracking, reports
+    serving           the final ensemble as an MLflow pyfunc on raw images, batch prediction, the Model Registry
     demo              the SYNTHETIC demo dataset (imports data only; not on any stage's path)
     cli               the `ferpipe` command: the one module that reaches the DAG in pipelines/ (lazily)
 

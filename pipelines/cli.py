@@ -125,6 +125,8 @@ def _pipeline_options(parser, local: bool) -> None:
     _training_options(parser, "demo" if local else "paper")
     group = parser.add_argument_group("pipeline")
     group.add_argument("--max-folds", type=at_least(0), default=0, help="train only the first N folds (0 = all)")
+    group.add_argument("--no-final-model", dest="final_model", action="store_false",
+                       help="stop after cross-validation: no ensemble trained on all subjects, nothing registered")
     group.add_argument("--mlflow-uri", default=None,
                        help="MLflow tracking URI (default: " + ("OUT/mlflow.db" if local else "the pipeline's") + ")")
 
@@ -149,6 +151,7 @@ def pipeline_arguments(args) -> dict:
         "clahe_clip_limit": args.clahe_clip, "clahe_tile_grid": args.clahe_tiles,
         "detection_confidence": args.confidence, "on_no_face": args.on_no_face, "landmark_source": args.landmarks,
         "subject_meta_uri": args.subjects_meta or "",
+        "final_model": args.final_model,
     }
     if args.mlflow_uri is not None:
         values["mlflow_uri"] = args.mlflow_uri
@@ -205,6 +208,19 @@ def _complexity(args) -> None:
     from ferpipe.model.complexity import complexity_report
 
     log.info(complexity_report(args.classes))
+
+
+def _predict(args) -> None:
+    import os
+
+    from ferpipe.serving.batch import predict_files
+
+    if args.mlflow_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ and runs:/ URIs are looked up
+    table = predict_files(args.model, args.input, args.out, args.annotate, args.workers)
+    counts = ", ".join(f"{status} {n}" for status, n in table["status"].value_counts().items())
+    pictures = f"; pictures in {args.annotate}" if args.annotate else ""
+    log.info(f"{len(table)} images ({counts}): {args.out}{pictures}")
 
 
 def _demo_data(args) -> None:
@@ -282,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     complexity = commands.add_parser("complexity", parents=[common], help="parameters, FLOPs and storage, beside the paper's")
     complexity.add_argument("--classes", type=int, default=7, choices=(7, 8))
     complexity.set_defaults(handler=_complexity)
+
+    predict = commands.add_parser("predict", parents=[common], help="the final model on photos: one row per file (CSV or Parquet)")
+    predict.add_argument("--model", required=True,
+                         help="models:/NAME/VERSION (or models:/NAME@champion), runs:/RUN/final-model, or a local "
+                              "export (the final model stage's `ensemble` folder)")
+    predict.add_argument("--input", required=True, nargs="+", metavar="PATH_OR_S3_PREFIX",
+                         help="image files, folders (searched recursively) or s3://bucket/prefix")
+    predict.add_argument("--out", required=True, help="FILE.csv or FILE.parquet (a local path or s3://...)")
+    predict.add_argument("--annotate", default=None, metavar="DIR",
+                         help="also write each image with its face box, landmarks and predicted label into DIR")
+    predict.add_argument("--workers", type=at_least(1), default=None, help="processes for stages 1-3 (default: all cores)")
+    predict.add_argument("--mlflow-uri", default=None,
+                         help="tracking URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI), "
+                              "e.g. sqlite:///runs/demo/mlflow.db")
+    predict.set_defaults(handler=_predict)
 
     demo = commands.add_parser("demo-data", parents=[common], help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
     demo.add_argument("--out", default="data/demo-synthetic")

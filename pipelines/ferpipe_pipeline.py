@@ -4,6 +4,7 @@
     fingerprint -> input -> CLAHE -> detection -> landmarks -> fold plan
       for each fold:  augmentation -> train eyebrows, eyes, nose, mouth, jaw (GPU) -> prediction
     aggregation (after every fold) -> MLflow, Table I, confusion matrix, report.md and report.html
+    if final_model: augmentation (all subjects) -> train the five again -> final model -> MLflow Model Registry
 
 Built for the KFP backends teams run, from Kubeflow 1.10's KFP 2.5 on
 (`MIN_BACKEND`; tests/test_backend_compat.py checks the compiled IR against
@@ -20,6 +21,10 @@ the table of constructs and the release that first runs each):
   so every run writes its own folds there; the members it reads still are.
 - The fold loop has no custom `name=`: on 2.14-2.15 a named loop breaks
   fan-in (issue #11964, fixed by #12808 in 2.16).
+- The final model (`final_model`, on by default) starts after the aggregation, so it never runs before
+  cross-validation has measured the method. It reuses the stage 5 and training components with the
+  fold `ALL_SUBJECTS` (nobody held out, validation subjects drawn from everyone), as five more unrolled
+  tasks with explicit inputs; the condition is a plain `dsl.If`, run by every v2 backend.
 - Lineage stays where it can: every stage's output is an artifact the next
   task takes as input, the five models included.
 
@@ -34,6 +39,7 @@ from components.aggregation_stage import aggregation
 from components.augmentation_stage import augmentation_stage
 from components.clahe_stage import clahe_stage
 from components.detection_stage import detection_stage
+from components.final_model_stage import final_model_stage
 from components.fold_plan import fold_plan
 from components.images import (
     GPU_NODE_LABEL,
@@ -48,6 +54,7 @@ from components.landmark_stage import landmark_stage
 from components.prediction_stage import prediction_stage
 from components.tracking_start import tracking_start
 from components.training_stage import training_stage
+from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
 from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.preprocess.detection import DetectionSettings
@@ -136,6 +143,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         cache_uri: str = "s3://ferpipe/cache",
         work_uri: str = "s3://ferpipe/work",
         subject_meta_uri: str = "",
+        final_model: bool = True,
     ) -> str:
         """Train and evaluate a FER ensemble on one dataset, with the dataset's own protocol.
 
@@ -157,6 +165,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             cache_uri: Per-image preprocessing results and trained members, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
             work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: training checkpoints after every epoch (a retried training task resumes from them) and each fold's result for the aggregation.
             subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
+            final_model: After cross-validation, train the five members again on all usable subjects, export the single-graph ensemble as an MLflow pyfunc and register it as ferpipe-<dataset>-<network> (alias champion when its cross-validated accuracy is no worse).
         """
         # The MLflow parent run exists before any task that nests a run in it (the fold plan waits for it);
         # never cached, since each KFP run has its own parent run. Needs only the tracking URI (and the data
@@ -203,6 +212,31 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             kfp_run_id=RUN_ID, kfp_run_name=RUN_NAME, fingerprint=fingerprint.output,
             annotated=annotated.outputs["annotated"]), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
+
+        # `== True` on a pipeline parameter compiles to the condition; `if final_model` would test a Python object.
+        with dsl.If(final_model == True, name="final model"):  # noqa: E712
+            everyone = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=ALL_SUBJECTS,
+                                                      profile=profile, dataset=dataset, seed=seed)).after(aggregated)
+            everyone.set_display_name("augmentation, all subjects")
+            final_members, final_trainings = {}, []
+            for part in ENSEMBLE_PARTS:
+                trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
+                                                     slot=part, profile=profile, dataset=dataset, seed=seed,
+                                                     cache_uri=cache_uri, work_uri=work_uri,
+                                                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+                trained.set_display_name(f"final {part}")
+                if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
+                    trained.after(final_trainings[-trainings_per_fold])
+                final_trainings.append(trained)
+                final_members[part] = trained.outputs["model"]
+            registered = on_cpu_node(final_model_stage(
+                fold_data=everyone.outputs["fold_data"], **final_members, reports=aggregated.outputs["reports"],
+                mlflow_run_id=aggregated.outputs["Output"], fingerprint=fingerprint.output, network=network,
+                profile=profile, dataset=dataset, seed=seed, clahe_clip_limit=clahe_clip_limit,
+                clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
+                mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), retry=False)
+            registered.set_display_name("final model")
+            registered.set_caching_options(False)  # every run registers its own version (and is not retried: once)
         return aggregated.outputs["Output"]
 
     return ferpipe_pipeline

@@ -24,14 +24,42 @@ from pathlib import Path
 
 from ferpipe.console import progress_bar
 from ferpipe.data.datasets import DATASETS, open_source
-from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
 
-# Tasks outside the fold loop, and inside it per fold (augmentation, five trainings, prediction).
-TASKS_OUTSIDE_LOOP = 7
-TASKS_PER_FOLD = 2 + len(ENSEMBLE_PARTS)
 LOCAL_FOLD_PARALLELISM = 2
+
+
+@dataclass(frozen=True)
+class TaskCounts:
+    """How many tasks the DAG runs: outside the fold loop, in each fold, and in the final-model branch."""
+
+    outside: int
+    per_fold: int
+    final: int
+
+    @classmethod
+    def of(cls, pipeline) -> "TaskCounts":
+        """Read from the compiled pipeline itself, so a new task can never make the count wrong."""
+        from google.protobuf.json_format import MessageToDict
+
+        spec = MessageToDict(pipeline.pipeline_spec)
+        components = spec["components"]
+
+        def leaves(tasks: dict) -> int:
+            return sum(leaves(components[t["componentRef"]["name"]]["dag"]["tasks"])
+                       if "dag" in components[t["componentRef"]["name"]] else 1 for t in tasks.values())
+
+        outside = per_fold = final = 0
+        for task in spec["root"]["dag"]["tasks"].values():
+            component = components[task["componentRef"]["name"]]
+            if "parameterIterator" in task:
+                per_fold += leaves(component["dag"]["tasks"])
+            elif "dag" in component:  # the final-model branch (dsl.If)
+                final += leaves(component["dag"]["tasks"])
+            else:
+                outside += 1
+        return cls(outside, per_fold, final)
 
 
 @dataclass
@@ -43,6 +71,15 @@ class LocalRun:
     mlflow_run_id: str
     seconds: float
     log: Path
+
+    def registered_model(self) -> str:
+        """The final model's registry URI (models:/name/N), or its export folder when MLflow was off; '' if none."""
+        outputs = sorted(self.run_dir.glob("final-model-stage/executor_output.json")) if self.run_dir else []
+        if not outputs:
+            return ""
+        uri = json.loads(outputs[-1].read_text()).get("parameterValues", {}).get("Output", "")
+        export = self.run_dir / "final-model-stage" / "ensemble"
+        return uri or (str(export) if export.exists() else "")
 
     def cache_summary(self) -> dict[str, tuple[int, int]]:
         """Per task kind, (answered by the cache, total): images for stages 1-4, members for training."""
@@ -86,8 +123,9 @@ class LiveView:
     FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-    def __init__(self, root: Path, log: Path):
-        self.root, self.log = root, log
+    def __init__(self, root: Path, log: Path, counts: TaskCounts, final_model: bool = True):
+        self.root, self.log, self.counts = root, log, counts
+        self.final_tasks = counts.final if final_model else 0
         self.running: list[str] = []
         self.done = self.folds_done = 0
         self.failed: list[str] = []
@@ -121,7 +159,8 @@ class LiveView:
         self.console.close()
 
     def _total(self) -> int:
-        return TASKS_OUTSIDE_LOOP + TASKS_PER_FOLD * (self.total_folds if self.total_folds is not None else 1)
+        folds = self.total_folds if self.total_folds is not None else 1
+        return self.counts.outside + self.counts.per_fold * folds + self.final_tasks
 
     def _follow(self, fd: int) -> None:
         with open(fd, "rb", buffering=0) as pipe, open(self.log, "ab") as log:
@@ -206,7 +245,7 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     os.chdir(out)
     started = time.perf_counter()
     try:
-        with LiveView(root, log) as view:
+        with LiveView(root, log, TaskCounts.of(ferpipe_pipeline), bool(arguments.get("final_model", True))) as view:
             task = ferpipe_pipeline(**arguments)
     finally:
         os.chdir(cwd)
@@ -236,5 +275,7 @@ def show_outcome(run: LocalRun) -> None:
     print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
     print(f"log:         {run.log}  (every task's full output)")
     print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")
+    if model := run.registered_model():
+        print(f"model:       {model}  (ferpipe predict --model {model} --input PHOTOS... --out predictions.csv)")
     if run.mlflow_uri.startswith("sqlite:"):
         print(f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {run.mlflow_uri}  then open http://127.0.0.1:5000")

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Each layer may import itself and the layers before it, never one after it.
 LAYERS = ("ferpipe.errors", "ferpipe.console", "ferpipe.data", "ferpipe.preprocess", "ferpipe.model",
-          "ferpipe.evaluate", "ferpipe.crossval")
+          "ferpipe.evaluate", "ferpipe.crossval", "ferpipe.serving")
 BESIDE = {"ferpipe.demo": {"ferpipe.errors", "ferpipe.console", "ferpipe.data"}}  # not on any stage's path
 OUTSIDE_LIBRARY = ("kfp", "components", "pipelines")
 

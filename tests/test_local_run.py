@@ -5,7 +5,8 @@ import os
 import subprocess
 import time
 
-from pipelines.local_run import LiveView
+from pipelines.ferpipe_pipeline import build_pipeline
+from pipelines.local_run import LiveView, TaskCounts
 
 
 def test_the_live_view_keeps_everything_in_the_log_and_counts_tasks(tmp_path, capfd):
@@ -16,7 +17,7 @@ def test_the_live_view_keeps_everything_in_the_log_and_counts_tasks(tmp_path, ca
     def say(line: str) -> None:  # what the runner prints lands on fd 1 (pytest swaps sys.stdout, not the fd)
         os.write(1, (line + "\n").encode())
 
-    with LiveView(root, log) as view:
+    with LiveView(root, log, TaskCounts(outside=8, per_fold=7, final=7), final_model=False) as view:
         say("\x1b[96m08:00:00 - INFO - Executing task 'fold-plan'\x1b[0m")
         subprocess.run(["echo", '{"executor_input": "a subprocess writes here too"}'], check=True)
         say("Task 'fold-plan' finished with status SUCCESS")
@@ -30,7 +31,14 @@ def test_the_live_view_keeps_everything_in_the_log_and_counts_tasks(tmp_path, ca
     console = capfd.readouterr()
     shown = console.out + console.err
     assert "a subprocess writes here too" not in shown  # the noise stays in the log
-    assert "[3/" in shown and "train jaw: failure" in shown
+    assert "[3/29]" in shown and "train jaw: failure" in shown  # 8 + 3 folds x 7, no final model
+
+
+def test_the_task_count_is_read_from_the_dag():
+    counts = TaskCounts.of(build_pipeline(fold_parallelism=2))
+    assert counts.per_fold == 7  # augmentation, five trainings, prediction
+    assert counts.final == 7  # augmentation on all subjects, five trainings, the final model
+    assert counts.outside >= 8  # fingerprint, stages 1-4, fold plan, MLflow start, aggregation
 
 
 def test_an_unreachable_mlflow_server_is_one_line_before_anything_runs(tmp_path, capsys):

@@ -179,3 +179,25 @@ def test_a_gpu_budget_limits_folds_and_chains_trainings(tmp_path, limit, folds_a
         assert waits["training-stage"] == [] and waits["training-stage-2"] == []
     else:
         assert not any(waits.values())
+
+
+def test_the_final_model_waits_for_the_aggregation_and_takes_five_named_members(spec):
+    """final_model: a condition after the aggregation; five unrolled trainings on fold ALL_SUBJECTS, explicit inputs."""
+    from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
+
+    ir, _ = spec
+    tasks = ir["root"]["dag"]["tasks"]
+    (branch,) = [k for k, v in tasks.items() if "triggerPolicy" in v]
+    assert "final_model" in tasks[branch]["triggerPolicy"]["condition"]
+    assert "aggregation" in tasks[branch]["dependentTasks"]
+    assert ir["root"]["inputDefinitions"]["parameters"]["final_model"]["defaultValue"] is True
+    body = ir["components"][tasks[branch]["componentRef"]["name"]]["dag"]["tasks"]
+    (augment,) = [k for k in body if k.startswith("augmentation-stage")]
+    assert body[augment]["inputs"]["parameters"]["fold"]["runtimeValue"]["constant"] == ALL_SUBJECTS
+    trainings = {key: task["taskInfo"]["name"] for key, task in body.items() if key.startswith("training-stage")}
+    assert sorted(trainings.values()) == sorted(f"final {part}" for part in ENSEMBLE_PARTS)
+    final = body["final-model-stage"]
+    for part in ENSEMBLE_PARTS:
+        assert trainings[final["inputs"]["artifacts"][part]["taskOutputArtifact"]["producerTask"]] == f"final {part}"
+    assert final["inputs"]["artifacts"]["reports"]["componentInputArtifact"]  # the aggregation's, into the branch
+    assert final["cachingOptions"] == {} or not final["cachingOptions"].get("enableCache")

@@ -68,6 +68,18 @@ def test_local_pipeline_writes_results_and_the_mlflow_tree(first_run):
     assert sorted(p.name for p in (first_run.results / "gradcam").iterdir()) == ["fold0.png", "fold1.png"]
     assert "SYNTHETIC" in (first_run.results / "report.md").read_text()
     check_mlflow_tree(first_run.mlflow_uri, first_run.mlflow_run_id, folds=2, synthetic=True)
+    check_registered_model(first_run, "ferpipe-jaffe-el", results)
+
+
+def check_registered_model(run, name: str, results: dict) -> None:
+    """The final model: registered with its cross-validated figures and lineage, champion as the first version."""
+    client = MlflowClient(run.mlflow_uri)
+    assert run.registered_model() == f"models:/{name}/1"
+    version = client.get_model_version(name, "1")
+    assert version.aliases == ["champion"]
+    assert float(version.tags["cv_accuracy"]) == pytest.approx(results["overall"]["accuracy"]["ensemble"], abs=1e-6)
+    assert version.tags["kfp_run_id"] and version.tags["data_fingerprint"] and version.tags["code_version"]
+    assert version.run_id == run.mlflow_run_id  # logged in the parent run that holds the cross-validation
 
 
 def test_rerun_on_unchanged_data_recomputes_nothing_the_caches_cover(first_run, demo):
@@ -77,7 +89,7 @@ def test_rerun_on_unchanged_data_recomputes_nothing_the_caches_cover(first_run, 
     assert summary["input-stage"] == (21, 21)
     for stage in ("clahe-stage", "detection-stage", "landmark-stage"):
         assert summary[stage] == (21, 21), stage
-    assert summary["training-stage"] == (10, 10)
+    assert summary["training-stage"] == (15, 15)  # five per fold, five for the final model
     first = json.loads((first_run.results / "results.json").read_text())
     assert json.loads((again.results / "results.json").read_text())["overall"] == first["overall"]
     # Members answered by the cache still get their runs in the new KFP run's tree, history included.
@@ -97,3 +109,4 @@ def test_london_pipeline(london, tmp_path):
     assert "Accuracy per group of people" in page and "female" in page and "18-24" in page
     parent = check_mlflow_tree(run.mlflow_uri, run.mlflow_run_id, folds=1, synthetic=False)
     assert "group_images/gender/female" in parent.data.metrics
+    check_registered_model(run, "ferpipe-folder-el", results)

@@ -7,16 +7,20 @@ the training side, untouched) or `test` (the fold's held-out subjects,
 untouched). `fold.json` records the fold, the classes and how it was made, so
 the training and prediction tasks need nothing else. The copies are drawn
 from (seed, fold, row), so the same inputs give the same bytes.
+
+The final model trains on a "fold" with nobody held out (`ALL_SUBJECTS`):
+the same stage, task and training code as a cross-validation fold, with an
+empty test side and the validation subjects drawn from everyone usable.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pandas as pd
 
-from ferpipe.data.folds import split_fold
+from ferpipe.data.folds import FoldSplit, split_fold
 from ferpipe.data.manifest import OK, read_manifest, write_manifest
 from ferpipe.data.storage import Store, open_store
 from ferpipe.model.augment import AugmentSettings, augment_copies
@@ -26,6 +30,24 @@ from ferpipe.preprocess import imaging, landmarks
 
 FOLD_FILE = "fold.json"
 SPLITS = ("train", "val", "test")
+# The final model's fold: no test side, every usable subject trains or validates. Negative like TRAIN_ONLY,
+# so it can never be a fold a protocol assigns.
+ALL_SUBJECTS = -2
+
+
+def split_for(manifest: pd.DataFrame, fold: int, val_fraction: float, seed: int) -> tuple[FoldSplit, int]:
+    """(the split, the non-negative number its random draws are seeded with).
+
+    For ALL_SUBJECTS that number is one past the highest fold, an id no row carries: split_fold then
+    tests nobody, and the validation draw and augmentation get a stream of their own (numpy seeds
+    must be non-negative).
+    """
+    if fold != ALL_SUBJECTS:
+        return split_fold(manifest, fold, val_fraction, seed), fold
+    unused = int(manifest["fold"].max()) + 1 if len(manifest) else 0
+    split = split_fold(manifest, unused, val_fraction, seed)
+    assert split.test.empty, "a fold id no row carries must test nobody"
+    return replace(split, fold=ALL_SUBJECTS), unused
 
 
 def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, copies: int, out: str | Store,
@@ -35,12 +57,12 @@ def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, copie
     target = open_store(out)
     manifest = read_manifest(source)
     classes = class_names(manifest)
-    split = split_fold(manifest, fold, profile.val_fraction, seed)
+    split, stream = split_for(manifest, fold, profile.val_fraction, seed)
     settings = settings or profile.augment or AugmentSettings()
 
     rows = []
     train = load_examples(source, split.train, classes)
-    made = augment_copies(train.images, train.points, copies, seed=seed * 1000 + fold, settings=settings)
+    made = augment_copies(train.images, train.points, copies, seed=seed * 1000 + stream, settings=settings)
     originals = split.train.reset_index(drop=True)
     for image, points, i, k in zip(made.images, made.points, made.source_index, made.copy_index):
         row = originals.iloc[int(i)].to_dict()

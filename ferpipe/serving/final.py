@@ -1,0 +1,52 @@
+"""The final ensemble: the five members trained on every usable subject, fused into one graph, exported.
+
+Cross-validation measures the *method*; the model people use is trained
+afterwards on all usable subjects (fold_dataset.ALL_SUBJECTS), with early
+stopping watching validation subjects drawn from those same subjects, so no
+test subject ever chose a weight. Its expected accuracy is the
+cross-validated one, which is why that figure travels with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ferpipe.crossval.fold_dataset import ALL_SUBJECTS, read_fold_info
+from ferpipe.crossval.steps import MEMBER_FILE, pipeline_profile
+from ferpipe.model.training import MODEL_FILE, ensemble_members, load_member
+from ferpipe.preprocess.chain import PreprocessSettings
+
+
+def export_final_model(fold_dir: str, network: str, member_dirs: Sequence[str], profile: str, out_dir: str,
+                       settings: PreprocessSettings, seed: int = 0, dataset: str | None = None) -> dict:
+    """Fuse the five final members (training tasks' outputs) into the pyfunc directory `out_dir`; its info."""
+    import keras
+
+    from ferpipe.model.export import build_ensemble_model
+    from ferpipe.serving.pyfunc import save_pyfunc, serving_info
+
+    info = read_fold_info(fold_dir)
+    if info["fold"] != ALL_SUBJECTS:
+        raise ValueError(f"the final model trains on all subjects, not on cross-validation fold {info['fold']}")
+    chosen = pipeline_profile(profile, dataset)
+    by_slot = {}
+    for directory in member_dirs:
+        summary = json.loads((Path(directory) / MEMBER_FILE).read_text())
+        by_slot[summary["slot"]] = (Path(directory), summary)
+    members = ensemble_members(network, seed)
+    missing = [m.slot for m in members if m.slot not in by_slot]
+    if missing:
+        raise ValueError(f"no final member for {', '.join(missing)}")
+    models = [load_member(m, len(info["classes"]), chosen.input_size, by_slot[m.slot][0] / MODEL_FILE)
+              for m in members]
+    graph = build_ensemble_model(models, [m.slot for m in members])
+    training = {"train_images": info["train_images"], "train_examples": info["train_examples"],
+                "val_images": info["val_images"], "profile": chosen.name, "seed": seed,
+                "epochs_run": {m.slot: len(by_slot[m.slot][1].get("history", [])) for m in members}}
+    described = serving_info(info["classes"], [m.slot for m in members], network, chosen.input_size, settings,
+                             dataset=dataset, training=training)
+    save_pyfunc(graph, described, out_dir)
+    keras.backend.clear_session()
+    return described

@@ -1,0 +1,106 @@
+"""The final model in MLflow: logged in the pipeline's parent run, registered, and promoted only when no worse.
+
+Registered as `ferpipe-<dataset>-<network>`, a new version per pipeline run.
+A scheduled rerun on new data must not silently replace a better model, so
+the alias `champion` moves to the new version only when its cross-validated
+ensemble accuracy is at least the current champion's; either way the
+decision and both figures are tags on the new version, so the registry
+itself says why a version is or is not serving.
+
+Two runs finishing at the same moment could both read the old champion
+before either moves the alias; the registry has no compare-and-set, and
+scheduled reruns of one pipeline are minutes to days apart.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ferpipe import __version__
+from ferpipe.evaluate.scoring import ENSEMBLE
+from ferpipe.version import code_fingerprint
+
+CHAMPION = "champion"
+ARTIFACT_NAME = "final-model"
+CV_ACCURACY_TAG = "cv_accuracy"
+
+
+def registered_name(dataset: str, network: str) -> str:
+    return f"ferpipe-{dataset}-{network}"
+
+
+def code_version() -> str:
+    """ferpipe's release and a hash of every ferpipe source file: what computed this model's answers."""
+    return f"{__version__}+{code_fingerprint(('ferpipe',))}"
+
+
+def cv_summary(results: dict) -> dict[str, float]:
+    """The cross-validation figures a model version carries, from the aggregation's results.json."""
+    overall = results["overall"]
+    figures = {f"cv_accuracy_{k}": v for k, v in overall["accuracy"].items()}
+    figures.update({f"cv_mean_fold_accuracy_{k}": v for k, v in overall["mean_fold_accuracy"].items()})
+    figures.update(cv_folds=len(results["folds"]), cv_test_images=overall["images"])
+    return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def decide_champion(new: float, current: float | None) -> bool:
+    """The new version serves when it is no worse: a tie goes to the newer data."""
+    return current is None or new >= current
+
+
+def register_final_model(export_dir: str, *, tracking_uri: str, experiment: str, parent_run_id: str,
+                         dataset: str, network: str, results: dict, data_fingerprint: str,
+                         kfp_run_id: str) -> dict:
+    """Log the exported pyfunc, register a new version, move `champion` if it earned it; what happened."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ferpipe.serving.pyfunc import pyfunc_arguments
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    client = MlflowClient(tracking_uri)
+    name = registered_name(dataset, network)
+    figures = cv_summary(results)
+    accuracy = figures[f"cv_accuracy_{ENSEMBLE}"]
+    tags = {"dataset": dataset, "network": network, "kfp_run_id": kfp_run_id, "data_fingerprint": data_fingerprint,
+            "code_version": code_version(), CV_ACCURACY_TAG: f"{accuracy:.6f}", "cv_folds": str(figures["cv_folds"])}
+    # The export's own files, logged as they are: what was exported is what gets registered.
+    arguments = pyfunc_arguments(Path(export_dir) / "artifacts")
+    # Into the pipeline's parent run (the one holding the cross-validation it is judged by), when there is one.
+    run = mlflow.start_run(run_id=parent_run_id) if parent_run_id else mlflow.start_run(run_name=f"{name} final")
+    with run:
+        logged = mlflow.pyfunc.log_model(name=ARTIFACT_NAME, registered_model_name=name, tags=tags,
+                                         metadata={"cross_validation": figures, **tags}, **arguments)
+        mlflow.log_metrics(figures, model_id=logged.model_id)
+        run_id = run.info.run_id
+    version = str(logged.registered_model_version)
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        current = None
+    current_accuracy = float(current.tags[CV_ACCURACY_TAG]) if current and CV_ACCURACY_TAG in current.tags else None
+    promoted = decide_champion(accuracy, current_accuracy)
+    if current is None:
+        decision = f"champion: the first version with a cross-validated accuracy ({accuracy:.4f})"
+    else:
+        relation = ">=" if promoted else "<"
+        decision = (f"{'champion' if promoted else 'not champion'}: cross-validated accuracy {accuracy:.4f} "
+                    f"{relation} champion version {current.version}'s {current_accuracy:.4f}")
+    for key, value in {**tags, "champion_decision": decision,
+                       "previous_champion_version": str(current.version) if current else "",
+                       "previous_champion_cv_accuracy": "" if current_accuracy is None else f"{current_accuracy:.6f}",
+                       }.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=(
+        f"{network.upper()} ensemble on all usable subjects of {dataset}; cross-validated ensemble accuracy "
+        f"{100 * accuracy:.2f}% over {int(figures['cv_folds'])} folds. {decision}."))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "model_id": logged.model_id,
+            "run_id": run_id, "champion": promoted, "decision": decision, "cv_accuracy": accuracy,
+            "previous_champion_cv_accuracy": current_accuracy}
+
