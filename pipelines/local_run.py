@@ -19,7 +19,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferpipe.console import progress_bar
@@ -32,11 +32,13 @@ LOCAL_FOLD_PARALLELISM = 2
 
 @dataclass(frozen=True)
 class TaskCounts:
-    """How many tasks the DAG runs: outside the fold loop, in each fold, and in the final-model branch."""
+    """How many tasks the DAG runs: outside the fold loop, in each fold, and in the final-model branch;
+    and the names the Kubeflow UI shows for them (the local runner logs some by key: 'training-stage-3')."""
 
     outside: int
     per_fold: int
     final: int
+    names: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, pipeline) -> "TaskCounts":
@@ -50,6 +52,8 @@ class TaskCounts:
             return sum(leaves(components[t["componentRef"]["name"]]["dag"]["tasks"])
                        if "dag" in components[t["componentRef"]["name"]] else 1 for t in tasks.values())
 
+        names = {key: task["taskInfo"]["name"] for component in [spec["root"], *components.values()]
+                 for key, task in component.get("dag", {}).get("tasks", {}).items()}
         outside = per_fold = final = 0
         for task in spec["root"]["dag"]["tasks"].values():
             component = components[task["componentRef"]["name"]]
@@ -59,7 +63,7 @@ class TaskCounts:
                 final += leaves(component["dag"]["tasks"])
             else:
                 outside += 1
-        return cls(outside, per_fold, final)
+        return cls(outside, per_fold, final, names)
 
 
 @dataclass
@@ -196,13 +200,14 @@ class LiveView:
         return len(json.loads(plans[-1].read_text())["parameterValues"]["Output"])
 
     def _show(self, task: str, status: str) -> None:
-        now = ", ".join(self.running) or "-"
+        now = ", ".join(self.counts.names.get(t, t) for t in self.running) or "-"
         folds = f"folds {self.folds_done}/{self.total_folds if self.total_folds is not None else '?'}"
         self.bar.set_postfix_str(f"{folds} | now: {now}", refresh=False)
         self.bar.update(1)
         if self.bar.disable:  # no terminal: one plain line per finished task
             minutes = (time.perf_counter() - self.started) / 60
-            print(f"[{self.done}/{self._total()}] {minutes:5.1f} min  {task}: {status.lower()}"
+            name = self.counts.names.get(task, task)
+            print(f"[{self.done}/{self._total()}] {minutes:5.1f} min  {name}: {status.lower()}"
                   f"  ({folds})", file=self.console, flush=True)
 
 

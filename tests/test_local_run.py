@@ -39,6 +39,7 @@ def test_the_task_count_is_read_from_the_dag():
     assert counts.per_fold == 7  # augmentation, five trainings, prediction
     assert counts.final == 7  # augmentation on all subjects, five trainings, the final model
     assert counts.outside >= 8  # fingerprint, stages 1-4, fold plan, MLflow start, aggregation
+    assert counts.names["training-stage-3"] == "train nose"  # what the live view shows for a task key
 
 
 def test_an_unreachable_mlflow_server_is_one_line_before_anything_runs(tmp_path, capsys):
