@@ -23,11 +23,13 @@ CLASSES = ("happy", "neutral")
 INPUT_SIZE = 32  # below the 160 crop: the served model must resize as training did
 
 
-def real_members(size: int = INPUT_SIZE, classes: int = len(CLASSES)) -> list[keras.Model]:
+def real_members(size: int = INPUT_SIZE, classes: int = len(CLASSES), name: str | None = None) -> list[keras.Model]:
+    """Five seeded, untrained sub-networks with non-trivial BatchNorm statistics (inference mode is exercised);
+    `name` gives them all one name, to show that clashing names do not matter."""
     members = []
     for seed, slot in enumerate(ENSEMBLE_PARTS):
         keras.utils.set_random_seed(seed)
-        model = build_classifier(classes, size, name=slot)
+        model = build_classifier(classes, size, name=name or slot)
         rng = np.random.default_rng(seed)
         for layer in model.get_layer("extractor").layers:
             if isinstance(layer, keras.layers.BatchNormalization):

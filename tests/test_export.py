@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 
 from ferpipe.model.ensemble import ensemble_probabilities, predict_members
 from ferpipe.model.export import MEMBER_PROBABILITIES, PROBABILITIES, build_ensemble_model, load_ensemble, save_ensemble
 from ferpipe.model.networks import build_classifier, infer
+from tests.serving_fixtures import real_members
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def members():
-    models = []
-    for seed in range(5):
-        keras.utils.set_random_seed(seed)
-        model = build_classifier(3, SIZE, name="same_name")  # clashing names must not matter
-        # Non-trivial BatchNorm statistics, so inference mode is exercised.
-        rng = np.random.default_rng(seed)
-        for layer in model.get_layer("extractor").layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
-                layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
-        models.append(model)
-    return models
+    return real_members(SIZE, 3, name="same_name")  # clashing names must not matter
 
 
 @pytest.fixture(scope="module")

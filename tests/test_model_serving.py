@@ -25,6 +25,7 @@ import pytest
 
 from ferpipe.data.manifest import NO_FACE, OK, UNREADABLE
 from ferpipe.serving.registry import register_final_model
+from tests.services import stop
 from tests.serving_fixtures import CLASSES, export_model, gradient_png
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -101,12 +102,7 @@ def server(registered):
             time.sleep(1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=30)
         log.close()
 
 
