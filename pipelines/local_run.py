@@ -12,6 +12,7 @@ of total, folds done, what is training now, and the time left.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -249,11 +250,15 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     cwd = os.getcwd()
     os.chdir(out)
     started = time.perf_counter()
+    # KFP's local runner swaps builtins.print for an indenting one while a task streams its log, and with
+    # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
+    original_print = builtins.print
     try:
         with LiveView(root, log, TaskCounts.of(ferpipe_pipeline), bool(arguments.get("final_model", True))) as view:
             task = ferpipe_pipeline(**arguments)
     finally:
         os.chdir(cwd)
+        builtins.print = original_print
     seconds = time.perf_counter() - started
     if view.failed:
         raise UserError(f"task {view.failed[0]} failed; its log is in {log}")

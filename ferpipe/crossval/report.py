@@ -139,6 +139,11 @@ def mlflow_location(mlflow_uri: str) -> str:
     return re.sub(r"//[^/@]*@", "//", mlflow_uri)
 
 
+def registered_name(dataset: str, network: str) -> str:
+    """The Model Registry name of a pipeline's final model (ferpipe.serving.registry registers it)."""
+    return f"ferpipe-{dataset}-{network}"
+
+
 def publish(prediction_dirs: Sequence[str], out_dir: str, *, network: str, profile: str, dataset: str,
             data_uri: str, seed: int, mlflow_uri: str, experiment: str = EXPERIMENT, kfp_run_id: str = "",
             kfp_run_name: str = "", fingerprint: str = "", dataset_dir: str = "") -> Outcome:
@@ -168,7 +173,9 @@ def publish(prediction_dirs: Sequence[str], out_dir: str, *, network: str, profi
         where = f"{mlflow_location(mlflow_uri)}, experiment {experiment}"
         model = {"MLflow parent run": f"{run_id} ({where})",
                  "trained members": "the parent run's nested runs 'fold K SLOT', artifact 'model' (Keras weights)",
-                 "registered model": "none: this run registers no model in the MLflow registry"}
+                 "registered model": f"{registered_name(dataset, network)} in the MLflow Model Registry, a new "
+                                     "version per run, when the pipeline's final-model step runs (it trains on all "
+                                     "subjects after this report; alias 'champion' when no worse than the last)"}
     html_path = write_report(results, out_dir, dataset=dataset, run=run, dataset_dir=dataset_dir or None,
                              model=model, synthetic=synthetic)
     if run_id:  # the reports name the run, so they join the run's artifacts once the run exists

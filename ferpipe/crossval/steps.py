@@ -94,11 +94,10 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     return summary
 
 
-def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profile: str, out_dir: str,
-                 seed: int = 0, dataset: str | None = None) -> dict:
-    """The ensemble step: the five members predict the fold's held-out subjects; sum of softmaxes, argmax."""
-    chosen = pipeline_profile(profile, dataset)
-    info = read_fold_info(fold_dir)
+def load_trained_members(member_dirs: Sequence[str], network: str, seed: int, classes: int, input_size: int,
+                         what: str) -> tuple[list, list, dict]:
+    """The five members of `network` from their training tasks' folders, in ensemble order: (members, their
+    sub-networks, slot -> (folder, member.json)). `what` names the caller in the error for a missing one."""
     by_slot = {}
     for directory in member_dirs:
         summary = json.loads((Path(directory) / MEMBER_FILE).read_text())
@@ -106,9 +105,18 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
     members = ensemble_members(network, seed)
     missing = [m.slot for m in members if m.slot not in by_slot]
     if missing:
-        raise ValueError(f"fold {info['fold']}: no trained member for {', '.join(missing)}")
-    models = [load_member(m, len(info["classes"]), chosen.input_size, by_slot[m.slot][0] / MODEL_FILE)
-              for m in members]
+        raise ValueError(f"{what}: no trained member for {', '.join(missing)}")
+    models = [load_member(m, classes, input_size, by_slot[m.slot][0] / MODEL_FILE) for m in members]
+    return members, models, by_slot
+
+
+def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profile: str, out_dir: str,
+                 seed: int = 0, dataset: str | None = None) -> dict:
+    """The ensemble step: the five members predict the fold's held-out subjects; sum of softmaxes, argmax."""
+    chosen = pipeline_profile(profile, dataset)
+    info = read_fold_info(fold_dir)
+    members, models, by_slot = load_trained_members(member_dirs, network, seed, len(info["classes"]),
+                                                    chosen.input_size, f"fold {info['fold']}")
     test = load_fold_split(fold_dir, "test", chosen.input_size)
     result, rows = score_fold(models, test, [m.slot for m in members])
     out = Path(out_dir)

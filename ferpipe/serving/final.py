@@ -9,13 +9,10 @@ cross-validated one, which is why that figure travels with it.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 from ferpipe.crossval.fold_dataset import ALL_SUBJECTS, read_fold_info
-from ferpipe.crossval.steps import MEMBER_FILE, pipeline_profile
-from ferpipe.model.training import MODEL_FILE, ensemble_members, load_member
+from ferpipe.crossval.steps import load_trained_members, pipeline_profile
 from ferpipe.preprocess.chain import PreprocessSettings
 
 
@@ -31,16 +28,8 @@ def export_final_model(fold_dir: str, network: str, member_dirs: Sequence[str], 
     if info["fold"] != ALL_SUBJECTS:
         raise ValueError(f"the final model trains on all subjects, not on cross-validation fold {info['fold']}")
     chosen = pipeline_profile(profile, dataset)
-    by_slot = {}
-    for directory in member_dirs:
-        summary = json.loads((Path(directory) / MEMBER_FILE).read_text())
-        by_slot[summary["slot"]] = (Path(directory), summary)
-    members = ensemble_members(network, seed)
-    missing = [m.slot for m in members if m.slot not in by_slot]
-    if missing:
-        raise ValueError(f"no final member for {', '.join(missing)}")
-    models = [load_member(m, len(info["classes"]), chosen.input_size, by_slot[m.slot][0] / MODEL_FILE)
-              for m in members]
+    members, models, by_slot = load_trained_members(member_dirs, network, seed, len(info["classes"]),
+                                                    chosen.input_size, "the final model")
     graph = build_ensemble_model(models, [m.slot for m in members])
     training = {"train_images": info["train_images"], "train_examples": info["train_examples"],
                 "val_images": info["val_images"], "profile": chosen.name, "seed": seed,

@@ -18,16 +18,13 @@ import math
 from pathlib import Path
 
 from ferpipe import __version__
+from ferpipe.crossval.report import registered_name
 from ferpipe.evaluate.scoring import ENSEMBLE
 from ferpipe.version import code_fingerprint
 
 CHAMPION = "champion"
 ARTIFACT_NAME = "final-model"
 CV_ACCURACY_TAG = "cv_accuracy"
-
-
-def registered_name(dataset: str, network: str) -> str:
-    return f"ferpipe-{dataset}-{network}"
 
 
 def code_version() -> str:
