@@ -223,7 +223,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                 trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
                                                      slot=part, profile=profile, dataset=dataset, seed=seed,
                                                      cache_uri=cache_uri, work_uri=work_uri,
-                                                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+                                                     kfp_run_id=RUN_ID))
                 trained.set_display_name(f"final {part}")
                 if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
                     trained.after(final_trainings[-trainings_per_fold])
@@ -234,7 +234,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                 mlflow_run_id=aggregated.outputs["Output"], fingerprint=fingerprint.output, network=network,
                 profile=profile, dataset=dataset, seed=seed, clahe_clip_limit=clahe_clip_limit,
                 clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
-                mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), retry=False)
+                mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID), retry=False)
             registered.set_display_name("final model")
             registered.set_caching_options(False)  # every run registers its own version (and is not retried: once)
         return aggregated.outputs["Output"]

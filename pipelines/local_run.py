@@ -119,9 +119,10 @@ def newest_output(root: Path, task: str, output: str) -> Path | None:
 class LiveView:
     """Reads everything the run prints (through a pipe on fds 1 and 2), keeps it in the log, shows one line.
 
-    The local runner announces each task by its display name ("Executing task
-    'train nose'", "Task 'train nose' finished with status S"); that, and the
-    fold plan's output once it exists, is all the view needs. Where no terminal watches, a line per finished task.
+    The local runner announces each task ("Executing task 'x'", "Task 'x'
+    finished with status S"), some by key ('training-stage-3'), which the view
+    shows by the UI's name (`TaskCounts.names`); that, and the fold plan's
+    output once it exists, is all the view needs. Where no terminal watches, a line per finished task.
     """
 
     STARTED = re.compile(r"Executing task '([^']+)'")
