@@ -11,7 +11,6 @@ from ferpipe.data.parts import FLIP_PERMUTATION, PARTS
 from ferpipe.model.augment import (
     AugmentSettings,
     BatchStream,
-    augment_copies,
     augment_example,
     compose,
     draw_transform,
@@ -122,21 +121,6 @@ def test_points_never_leave_the_unit_square_and_big_shifts_are_redrawn():
         assert moved.min() >= 0.0 and moved.max() <= 1.0
         kept_all += np.all((moved > 0) & (moved < 1))
     assert kept_all >= 15  # redrawing finds transforms that keep the face in the crop
-
-
-def test_augmentation_repeats_for_a_seed():
-    images = np.stack([synthetic_face(label, np.random.default_rng(i))[0] for i, label in enumerate(["happy", "neutral"])])
-    points = np.stack([face_template()] * 2)
-    a = augment_copies(images, points, copies=3, seed=7)
-    b = augment_copies(images, points, copies=3, seed=7)
-    c = augment_copies(images, points, copies=3, seed=8)
-    assert np.array_equal(a.images, b.images) and np.array_equal(a.points, b.points)
-    assert not np.array_equal(a.images, c.images)
-    assert a.images.shape == (8, SIZE, SIZE, 3) and a.images.dtype == np.uint8
-    assert a.source_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and a.copy_index.tolist() == [0, 1, 2, 3] * 2
-    assert np.array_equal(a.images[0], images[0])  # the original comes first
-    # A row's copies are keyed by (seed, row index), not by what the other rows hold.
-    assert np.array_equal(augment_copies(images[:1], points[:1], copies=3, seed=7).images, a.images[:4])
 
 
 def test_batch_stream_is_reproducible_and_normalised():

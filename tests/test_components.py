@@ -8,6 +8,7 @@ KFP UI (artifact metadata, metrics, reports).
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Markdown, Metrics, Model
@@ -44,6 +45,7 @@ def chain(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     out = {name: artifact(Dataset, root, name) for name in ("frames", "enhanced", "faces", "annotated", "fold")}
     out["preview"], out["plan"] = artifact(HTML, root, "preview"), artifact(Markdown, root, "plan")
+    out["augmentation"] = artifact(HTML, root, "augmentation")
     cache = str(root / "cache")
     out["fingerprint"] = input_fingerprint.python_func(data_uri=str(demo), cache_uri=cache)
     input_stage.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"], n_folds=10,
@@ -56,7 +58,7 @@ def chain(demo, tmp_path_factory):
                                    preview=out["preview"])
     out["folds"] = fold_plan.python_func(annotated=out["annotated"], max_folds=0, plan=out["plan"])
     augmentation_stage.python_func(annotated=out["annotated"], fold=1, profile="smoke", dataset="jaffe", seed=0,
-                             fold_data=out["fold"])
+                             fold_data=out["fold"], preview=out["augmentation"])
     return out
 
 
@@ -93,7 +95,12 @@ def test_augmentation_keeps_subjects_apart(chain):
     manifest = read_manifest(chain["fold"].path)
     sides = {s: set(manifest.loc[manifest["split"] == s, "subject"]) for s in ("train", "val", "test")}
     assert sides["test"] == {"ZB"} and not sides["test"] & (sides["train"] | sides["val"])
-    assert chain["fold"].metadata["train_examples"] == 2 * chain["fold"].metadata["train_images"]
+    assert chain["fold"].metadata["train_images"] == len(manifest[manifest["split"] == "train"])
+    # Stage 5 writes the plan the training tasks augment by, and a picture of what they draw.
+    assert json.loads(Path(chain["fold"].path, "fold.json").read_text())["augment"]["rotation_deg"] == 15.0
+    assert Path(chain["fold"].path, "augmentation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Path(chain["augmentation"].path).read_text()
+    assert page.count("data:image/png;base64,") == 1 and "epochs 1-4" in page
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +163,28 @@ def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
                                work_uri="", kfp_run_id="run-2", model=again)
     assert again.metadata["cached"] is True
     assert Path(again.path, "model.weights.h5").read_bytes() == Path(trained[0].path, "model.weights.h5").read_bytes()
+
+
+def test_train_eval_is_the_components_path(chain, trained, tmp_path):
+    """`ferpipe train-eval` trains, augments and predicts through the DAG's steps: the same fold, seed and
+    profile give the members and predictions the training and prediction components give."""
+    from ferpipe.crossval.train_eval import train_eval
+
+    train_eval(chain["annotated"].path, "el", "smoke", tmp_path, folds=[1], dataset="jaffe")
+    for slot, model in zip(ENSEMBLE_PARTS, trained):
+        ours = json.loads(Path(tmp_path, "folds", "fold1", slot, "member.json").read_text())["history"]
+        theirs = json.loads(Path(model.path, "member.json").read_text())["history"]
+        assert [(r["phase"], r["epoch"]) for r in ours] == [(r["phase"], r["epoch"]) for r in theirs]
+        np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], rtol=1e-4)
+    predictions = artifact(Dataset, tmp_path, "predictions")
+    prediction_stage.python_func(fold_data=chain["fold"], **dict(zip(ENSEMBLE_PARTS, trained)), network="el",
+                                 profile="smoke", dataset="jaffe", seed=0, work_uri=str(tmp_path / "work"),
+                                 kfp_run_id="run-9", predictions=predictions, metrics=artifact(Metrics, tmp_path, "m"))
+    ours, theirs = (pd.read_csv(p) for p in (tmp_path / "predictions" / "fold1.csv",
+                                              Path(predictions.path, "predictions.csv")))
+    assert list(ours["image_id"]) == list(theirs["image_id"]) and list(ours["ensemble"]) == list(theirs["ensemble"])
+    sums = [c for c in ours.columns if c.startswith("sum_")]
+    np.testing.assert_allclose(ours[sums].to_numpy(float), theirs[sums].to_numpy(float), atol=1e-3)
 
 
 def test_prediction_and_aggregation_components(chain, trained, tracking_uri, tmp_path):

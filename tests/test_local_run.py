@@ -54,3 +54,18 @@ def test_an_unreachable_mlflow_server_is_one_line_before_anything_runs(tmp_path,
     assert code == 2 and len(err) == 1 and "MLflow server at http://127.0.0.1:9 did not answer" in err[0]
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "out" / "artifacts").exists()  # refused before the pipeline started
+
+
+def test_tasks_share_the_cores_and_the_environment_is_restored(monkeypatch):
+    from pipelines.local_run import THREAD_VARIABLES, task_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a person's own setting wins
+    before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    with task_threads(parallel=2) as threads:
+        assert threads == 4 and os.environ["TF_NUM_INTRAOP_THREADS"] == "4" and os.environ["OMP_NUM_THREADS"] == "3"
+    assert {name: os.environ.get(name) for name in THREAD_VARIABLES} == before
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    with task_threads(parallel=2) as threads:
+        assert threads == 1 and os.environ["TF_NUM_INTRAOP_THREADS"] == "1"

@@ -52,7 +52,7 @@ def fold_dir(root: Path, fold: int, rng) -> str:
     if fold == 0:  # predict_fold writes no Grad-CAM picture for a fold without test images
         (out / "gradcam.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(512))
     (out / "fold.json").write_text(json.dumps({"fold": fold, "classes": CLASSES, "network": "el", "profile": "smoke",
-                                               "train_examples": 20, "test_subjects": ["s1"], **result,
+                                               "train_images": 20, "test_subjects": ["s1"], **result,
                                                "members": members}))
     return str(out)
 

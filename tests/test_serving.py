@@ -173,8 +173,8 @@ def test_the_final_models_fold_holds_nobody_out_and_validates_on_its_own_subject
     rows[0]["status"] = NO_FACE  # not usable: stays out
     write_manifest(rows, tmp_path / "prepared")
     profile = get_profile("smoke")
-    info = write_fold_dataset(str(tmp_path / "prepared"), ALL_SUBJECTS, profile, 1, str(tmp_path / "a"), seed=3)
-    again = write_fold_dataset(str(tmp_path / "prepared"), ALL_SUBJECTS, profile, 1, str(tmp_path / "b"), seed=3)
+    info = write_fold_dataset(str(tmp_path / "prepared"), ALL_SUBJECTS, profile, str(tmp_path / "a"), seed=3)
+    again = write_fold_dataset(str(tmp_path / "prepared"), ALL_SUBJECTS, profile, str(tmp_path / "b"), seed=3)
     assert info == again and info["fold"] == ALL_SUBJECTS and info["test_images"] == 0
     check_no_leak(str(tmp_path / "a"))
     written = read_manifest(tmp_path / "a")

@@ -14,7 +14,7 @@ from ferpipe.data.parts import part_outputs, part_slice
 from ferpipe.model.augment import to_network_input
 from ferpipe.model.ensemble import predict_members
 from ferpipe.model.networks import build_extractor, build_landmark_head
-from ferpipe.model.profiles import SMOKE, get_profile, on_materialised_copies
+from ferpipe.model.profiles import SMOKE, get_profile
 from ferpipe.model.training import ensemble_members, member_by_slot, start_at_mean_shape, train_member
 from pipelines.cli import main
 
@@ -168,6 +168,28 @@ def test_profiles():
     assert get_profile("demo").input_size < 160
     with pytest.raises(ValueError):
         get_profile("huge")
-    materialised = on_materialised_copies(get_profile("demo"), copies=2)
-    assert materialised.augment is None and materialised.landmark_epochs == 6  # ceil(16 / 3): same steps
     assert get_profile(SMOKE) is SMOKE
+
+
+def test_batch_statistics_are_recomputed_from_the_images_given(monkeypatch):
+    """Precise BN: the moving mean and variance become the statistics of the reference images under the
+    current weights (averaged over chunks), the weights do not move, and the momentum is put back."""
+    import keras
+
+    from ferpipe.model import training
+
+    extractor = build_extractor(SMOKE.input_size, bn_momentum=0.9, seed=3)
+    bn, conv = extractor.get_layer("block1_bn1"), extractor.get_layer("block1_conv1")
+    before = [w.copy() for w in extractor.get_weights()]
+    images = np.random.default_rng(0).uniform(-1, 1, (12, SMOKE.input_size, SMOKE.input_size, 3)).astype(np.float32)
+    monkeypatch.setattr(training, "PRECISE_BN_CHUNK", 4)  # three chunks of four
+    training.refresh_batch_statistics(extractor, images)
+    features = keras.Model(extractor.input, conv.output)(images).numpy()
+    chunk_means = [chunk.mean(axis=(0, 1, 2)) for chunk in np.split(features, 3)]
+    chunk_vars = [chunk.var(axis=(0, 1, 2)) for chunk in np.split(features, 3)]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(chunk_means, axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean(chunk_vars, axis=0), rtol=1e-3, atol=1e-5)
+    assert bn.momentum == 0.9
+    trainable = [w for w, v in zip(extractor.get_weights(), extractor.weights) if v.trainable]
+    assert all(np.array_equal(a, b) for a, b in zip(trainable, [w for w, v in zip(before, extractor.weights)
+                                                                if v.trainable]))

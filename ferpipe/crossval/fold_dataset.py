@@ -1,12 +1,14 @@
-"""Stage 5 as the pipeline runs it: one fold's data, its training side augmented and materialised.
+"""Stage 5 as the pipeline runs it: one fold's data and its augmentation plan.
 
 A fold dataset is a dataset directory whose manifest's `split` column says
-`train` (the originals and k augmented copies of every training image, their
-landmarks moved by the same transform), `val` (validation subjects, drawn from
-the training side, untouched) or `test` (the fold's held-out subjects,
-untouched). `fold.json` records the fold, the classes and how it was made, so
-the training and prediction tasks need nothing else. The copies are drawn
-from (seed, fold, row), so the same inputs give the same bytes.
+`train` (the fold's training subjects), `val` (validation subjects, drawn from
+the training side) or `test` (the fold's held-out subjects). `fold.json`
+records the fold, the classes and the augmentation plan: the settings and the
+seed every training task augments with. Training augments online, a fresh
+draw of every image in every epoch (`augment.BatchStream`, seeded by member,
+phase, epoch and batch), which learned as well as training on copies written
+here and cost less (the comparison is in the README); so stage 5 writes the
+plan and a picture of what it draws, `augmentation.png`, rather than copies.
 
 The final model trains on a "fold" with nobody held out (`ALL_SUBJECTS`):
 the same stage, task and training code as a cross-validation fold, with an
@@ -18,74 +20,89 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+import cv2
+import numpy as np
 import pandas as pd
 
 from ferpipe.data.folds import FoldSplit, split_fold
 from ferpipe.data.manifest import OK, read_manifest, write_manifest
 from ferpipe.data.storage import Store, open_store
-from ferpipe.model.augment import AugmentSettings, augment_copies
+from ferpipe.model.augment import AugmentSettings, BatchStream, member_seed, stream_seed
 from ferpipe.model.examples import Examples, class_names, load_examples
 from ferpipe.model.profiles import Profile
-from ferpipe.preprocess import imaging, landmarks
+from ferpipe.preprocess import imaging
+from ferpipe.preprocess.preview import draw_landmarks
 
 FOLD_FILE = "fold.json"
+PREVIEW_FILE = "augmentation.png"
 SPLITS = ("train", "val", "test")
 # The final model's fold: no test side, every usable subject trains or validates. Negative like TRAIN_ONLY,
 # so it can never be a fold a protocol assigns.
 ALL_SUBJECTS = -2
 
 
-def split_for(manifest: pd.DataFrame, fold: int, val_fraction: float, seed: int) -> tuple[FoldSplit, int]:
-    """(the split, the non-negative number its random draws are seeded with).
+def split_for(manifest: pd.DataFrame, fold: int, val_fraction: float, seed: int) -> FoldSplit:
+    """The fold's split; for ALL_SUBJECTS, nobody tested and the validation subjects drawn from everyone.
 
-    For ALL_SUBJECTS that number is one past the highest fold, an id no row carries: split_fold then
-    tests nobody, and the validation draw and augmentation get a stream of their own (numpy seeds
-    must be non-negative).
+    ALL_SUBJECTS splits as the fold one past the highest, an id no row carries, so its validation draw
+    has a stream of its own (numpy seeds must be non-negative).
     """
     if fold != ALL_SUBJECTS:
-        return split_fold(manifest, fold, val_fraction, seed), fold
+        return split_fold(manifest, fold, val_fraction, seed)
     unused = int(manifest["fold"].max()) + 1 if len(manifest) else 0
     split = split_fold(manifest, unused, val_fraction, seed)
     assert split.test.empty, "a fold id no row carries must test nobody"
-    return replace(split, fold=ALL_SUBJECTS), unused
+    return replace(split, fold=ALL_SUBJECTS)
 
 
-def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, copies: int, out: str | Store,
-                       seed: int = 0, settings: AugmentSettings | None = None) -> dict:
-    """Split `fold` by subject, augment its training images `copies` times, write it all to `out`."""
+def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: str | Store, seed: int = 0) -> dict:
+    """Split `fold` by subject and write its three sides to `out`, with the augmentation plan and its preview."""
     source = open_store(prepared)
     target = open_store(out)
     manifest = read_manifest(source)
     classes = class_names(manifest)
-    split, stream = split_for(manifest, fold, profile.val_fraction, seed)
-    settings = settings or profile.augment or AugmentSettings()
-
+    split = split_for(manifest, fold, profile.val_fraction, seed)
     rows = []
-    train = load_examples(source, split.train, classes)
-    made = augment_copies(train.images, train.points, copies, seed=seed * 1000 + stream, settings=settings)
-    originals = split.train.reset_index(drop=True)
-    for image, points, i, k in zip(made.images, made.points, made.source_index, made.copy_index):
-        row = originals.iloc[int(i)].to_dict()
-        row["image_id"] = f"{row['image_id']}~{int(k)}"
-        row["image_path"] = f"images/{row['image_id']}.png"
-        row["landmarks"] = landmarks.flatten(points)
-        row["split"] = "train"
-        target.write_bytes(row["image_path"], imaging.encode_png(image))
-        rows.append(row)
-    for name, part in (("val", split.val), ("test", split.test)):
+    for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
         for row in part.to_dict("records"):
             target.write_bytes(row["image_path"], source.read_bytes(row["image_path"]))
             rows.append({**row, "split": name})
-
     info = {
-        "fold": fold, "classes": list(classes), "seed": seed, "copies": copies, "profile": profile.name,
-        "augment": asdict(settings), "train_images": len(split.train), "train_examples": len(made.images),
-        "val_images": len(split.val), "test_images": len(split.test),
+        "fold": fold, "classes": list(classes), "seed": seed, "profile": profile.name,
+        "augment": asdict(profile.augment) if profile.augment is not None else None,
+        "train_images": len(split.train), "val_images": len(split.val), "test_images": len(split.test),
         "test_subjects": sorted(split.test["subject"].unique().tolist()),
     }
     target.write_bytes(FOLD_FILE, json.dumps(info, indent=1).encode())
     write_manifest(pd.DataFrame(rows), target)
+    train = load_examples(target, split.train, classes, profile.input_size)
+    target.write_bytes(PREVIEW_FILE, imaging.encode_png(augmentation_sheet(train, profile, seed)))
     return info
+
+
+def planned_profile(profile: Profile, info: dict) -> Profile:
+    """The profile a training task follows on a fold dataset: its augmentation is the one stage 5 planned."""
+    return replace(profile, augment=AugmentSettings(**info["augment"]) if info["augment"] is not None else None)
+
+
+def augmentation_sheet(train: Examples, profile: Profile, seed: int, epochs: int = 4, columns: int = 6) -> np.ndarray:
+    """What training draws: the first images of the first batch of epochs 1..`epochs`, at the network's
+    size, with their moved landmarks; the stream of the ensemble's first member in its first phase."""
+    if not len(train):
+        return np.zeros((32, 32, 3), np.uint8)
+    stream = BatchStream(train.images, train.points, lambda points, rows: rows, profile.batch_size,
+                         seed=stream_seed(member_seed(seed, 0), 0), settings=profile.augment)
+    scale = max(1, 128 // train.size)
+    lines = []
+    for epoch in range(epochs):
+        images, points, _ = stream.draw(epoch, 0)
+        tiles = [draw_landmarks(image, moved, scale) for image, moved in zip(images[:columns], points[:columns])]
+        tiles += [np.zeros_like(tiles[0])] * (columns - len(tiles))
+        line = np.hstack(tiles)
+        cv2.putText(line, f"epoch {epoch + 1}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        lines.append(line)
+    return np.vstack(lines)
 
 
 def read_fold_info(where: str | Store) -> dict:
@@ -102,11 +119,6 @@ def load_fold_split(where: str | Store, name: str, size: int | None = None) -> E
     manifest = read_manifest(store)
     rows = manifest[(manifest["split"] == name) & (manifest["status"] == OK)]
     return load_examples(store, rows, tuple(info["classes"]), size)
-
-
-def copies_for(profile: Profile) -> int:
-    """Augmented copies per training image the pipeline materialises for a profile."""
-    return {"smoke": 1, "demo": 2}.get(profile.name, 4)
 
 
 def check_no_leak(where: str | Store) -> None:

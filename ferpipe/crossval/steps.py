@@ -1,8 +1,9 @@
 """The pipeline's per-fold steps after augmentation: train one member, predict with five, aggregate.
 
 Each works on directories (what KFP hands a task as artifact paths), so a
-task is one call. Training on a fold dataset switches online augmentation off:
-stage 5 already materialised the copies it trains on.
+task is one call; `ferpipe train-eval` calls the same steps in one process,
+so a figure measured one way holds for the other. Training augments online as
+the fold dataset's plan says (stage 5, fold_dataset.planned_profile).
 """
 
 from __future__ import annotations
@@ -16,18 +17,28 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import keras
+import numpy as np
 import pandas as pd
 
-from ferpipe.crossval.fold_dataset import load_fold_split, read_fold_info
-from ferpipe.crossval.train_eval import score_fold, write_reports
+from ferpipe.crossval.fold_dataset import load_fold_split, planned_profile, read_fold_info
 from ferpipe.data.manifest import read_manifest
-from ferpipe.data.storage import Store, open_store
+from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.data.storage import Store, atomic_write, open_store
 from ferpipe.data.subject_meta import with_subject_meta
 from ferpipe.evaluate.gradcam import gradcam_figure
 from ferpipe.evaluate.groups import group_accuracy
 from ferpipe.evaluate.landmark_study import combine_studies, landmark_study
-from ferpipe.evaluate.scoring import combine_folds
-from ferpipe.model.profiles import Profile, get_profile, on_materialised_copies
+from ferpipe.evaluate.scoring import (
+    ENSEMBLE,
+    combine_folds,
+    evaluate_predictions,
+    results_table,
+    save_confusion,
+    write_table,
+)
+from ferpipe.model.ensemble import ensemble_predictions, predict_members
+from ferpipe.model.examples import Examples
+from ferpipe.model.profiles import get_profile
 from ferpipe.model.training import (
     LANDMARK_FILE,
     MODEL_FILE,
@@ -48,9 +59,44 @@ LANDMARK_STUDY_FILE = "landmark_study.png"
 PREDICTIONS_FILE = "predictions.csv"
 
 
-def pipeline_profile(profile: str | Profile, dataset: str | None = None, copies: int = 0) -> Profile:
-    """The profile as the pipeline trains it: on stage 5's materialised copies, epochs scaled to match."""
-    return on_materialised_copies(get_profile(profile, dataset), copies)
+def _prediction_rows(test: Examples, probabilities: np.ndarray, slots: Sequence[str]) -> pd.DataFrame:
+    classes = np.array(test.classes)
+    frame = pd.DataFrame({"image_id": test.image_ids, "subject": test.subjects, "label": classes[test.labels]})
+    for slot, member in zip(slots, probabilities):
+        frame[slot] = classes[member.argmax(axis=-1)]
+    frame[ENSEMBLE] = classes[ensemble_predictions(probabilities)]
+    summed = probabilities.sum(axis=0)
+    for i, name in enumerate(classes):
+        frame[f"sum_{name}"] = summed[:, i].round(5)
+    return frame
+
+
+def score_fold(models: Sequence, test: Examples, slots: Sequence[str] = ENSEMBLE_PARTS) -> tuple[dict, pd.DataFrame]:
+    """Predict a fold's test images with every member; the fold's scores and per-image rows."""
+    started = time.perf_counter()
+    if len(test):
+        probabilities = predict_members(models, test.images)
+    else:  # every test image of the fold was rejected upstream
+        probabilities = np.zeros((len(models), 0, len(test.classes)), np.float32)
+    result = evaluate_predictions(test.labels, probabilities, slots)
+    result["predict_seconds"] = time.perf_counter() - started
+    return result, _prediction_rows(test, probabilities, slots)
+
+
+def write_reports(results: dict, out_dir) -> None:
+    """Table I row, confusion matrices (summed over folds) and results.json for a finished run."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    overall = results["overall"]
+    write_table(results_table({results["network"]: overall["accuracy"]}), out / "table")
+    for name, matrix in overall["confusion"].items():
+        title = f"{results['network']} {name}: {100 * overall['accuracy'][name]:.2f}% of {overall['images']}"
+        save_confusion(np.array(matrix), results["classes"], out / "confusion" / name, title)
+    write_json(out / "results.json", results)
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 def run_store(work_uri: str, kfp_run_id: str) -> Store:
@@ -70,7 +116,7 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     `on_epoch` hears every epoch as it ends (live MLflow).
     """
     info = read_fold_info(fold_dir)
-    chosen = pipeline_profile(profile, dataset, info["copies"])
+    chosen = planned_profile(get_profile(profile, dataset), info)
     train = load_fold_split(fold_dir, "train", chosen.input_size)
     val = load_fold_split(fold_dir, "val", chosen.input_size)
     member = member_by_slot(network, slot, seed)
@@ -86,7 +132,7 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     summary = {
         "fold": info["fold"], "network": network, "slot": slot, "part": member.part, "seed": member.seed,
         "profile": chosen.name, "input_size": chosen.input_size, "classes": info["classes"],
-        "train_examples": len(train), "val_images": len(val), "wall_seconds": round(time.perf_counter() - started, 3),
+        "train_images": len(train), "val_images": len(val), "wall_seconds": round(time.perf_counter() - started, 3),
         "epochs": {phase: chosen.epochs(phase) for phase in member.phases},
         "history": trained.history,
     }
@@ -113,7 +159,7 @@ def load_trained_members(member_dirs: Sequence[str], network: str, seed: int, cl
 def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profile: str, out_dir: str,
                  seed: int = 0, dataset: str | None = None) -> dict:
     """The ensemble step: the five members predict the fold's held-out subjects; sum of softmaxes, argmax."""
-    chosen = pipeline_profile(profile, dataset)
+    chosen = get_profile(profile, dataset)
     info = read_fold_info(fold_dir)
     members, models, by_slot = load_trained_members(member_dirs, network, seed, len(info["classes"]),
                                                     chosen.input_size, f"fold {info['fold']}")
@@ -128,7 +174,7 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
         {m.slot: load_landmark_weights(by_slot[m.slot][0] / LANDMARK_FILE) for m in members},
         {m.slot: model for m, model in zip(members, models)}, test, out / LANDMARK_STUDY_FILE)
     result = {"fold": info["fold"], "classes": info["classes"], "network": network, "profile": chosen.name,
-              "train_examples": info["train_examples"], "test_subjects": info["test_subjects"], **result,
+              "train_images": info["train_images"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}
     (out / FOLD_RESULT).write_text(json.dumps(result, indent=1))
     keras.backend.clear_session()
@@ -168,7 +214,8 @@ def gather_fold_results(work_uri: str, kfp_run_id: str, folds: Sequence[int]) ->
 
 
 def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, profile: str, seed: int = 0) -> dict:
-    """Every fold's result -> results.json, Table I row, confusion matrices summed over folds, Grad-CAM pictures."""
+    """Every fold's result -> results.json, Table I row, confusion matrices summed over folds; each fold's
+    Grad-CAM and landmark-study pictures and per-image predictions beside them."""
     by_fold = sorted(((json.loads((Path(d) / FOLD_RESULT).read_text()), Path(d)) for d in prediction_dirs),
                      key=lambda pair: pair[0]["fold"])
     if not by_fold:
@@ -184,10 +231,11 @@ def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, 
     write_reports(results, out_dir)
     # Each fold's pictures beside the tables, where people look first (locally OUT/results).
     for fold, directory in by_fold:
-        for name, folder in ((GRADCAM_FILE, "gradcam"), (LANDMARK_STUDY_FILE, "landmark_study")):
+        for name, folder, suffix in ((GRADCAM_FILE, "gradcam", "png"), (LANDMARK_STUDY_FILE, "landmark_study", "png"),
+                                     (PREDICTIONS_FILE, "predictions", "csv")):
             if (directory / name).is_file():
                 (Path(out_dir) / folder).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(directory / name, Path(out_dir) / folder / f"fold{fold['fold']}.png")
+                shutil.copyfile(directory / name, Path(out_dir) / folder / f"fold{fold['fold']}.{suffix}")
     return results
 
 

@@ -243,7 +243,7 @@ class Tracking:
         run_id = self.fold_run(fold["fold"])
         if self.call("get_run", run_id).data.tags.get(RESULT_LOGGED) != "true":
             self.log_params(run_id, {"fold": fold["fold"], "test_subjects": len(fold["test_subjects"]),
-                                     "train_examples": fold["train_examples"]})
+                                     "train_images": fold["train_images"]})
             self.log_latest(run_id, {**{f"accuracy/{k}": v for k, v in fold["accuracy"].items()},
                                      "test_images": fold["images"]})
             self.call("log_artifact", run_id, str(directory / "predictions.csv"))

@@ -10,11 +10,14 @@ subjects, score. RUN_DIR receives:
     gradcam/fold<k>.png          where each member looks (Grad-CAM) on a few of the fold's test images
     landmark_study/fold<k>.png   landmarks predicted before and after fine-tuning (the paper's figure 10)
     report.html                  all of it in one self-contained page (ferpipe.crossval.html_report)
-    checkpoints/fold<k>/<slot>/  training state; a rerun with the same RUN_DIR resumes where it stopped
+    folds/fold<k>/               the fold as stage 5 wrote it (data/, with augmentation.png), each member's
+                                 training task output and checkpoint (<slot>/), the prediction step's (prediction/);
+                                 a rerun with the same RUN_DIR resumes where it stopped
 
-`score_fold` and `write_reports` are what the pipeline's prediction and
-aggregate steps call (ferpipe.crossval.steps); `cross_dataset_eval` is the
-paper's Table III: train on one dataset, test on all of another.
+Every step is the pipeline's own (ferpipe.crossval.steps), so train-eval and
+`ferpipe run` train, augment and predict through the same code;
+`cross_dataset_eval` is the paper's Table III: train on one dataset, test on
+all of another.
 """
 
 from __future__ import annotations
@@ -32,26 +35,21 @@ import pandas as pd
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ferpipe.console import progress_bar
+from ferpipe.crossval.fold_dataset import write_fold_dataset
 from ferpipe.crossval.html_report import manifest_fingerprint, write_report
+from ferpipe.crossval.steps import FOLD_RESULT, aggregate_folds, predict_fold, train_on_fold, write_json
 from ferpipe.data.folds import TRAIN_ONLY, check_trainable, fold_ids, split_fold
 from ferpipe.data.manifest import OK, read_manifest
-from ferpipe.data.parts import ENSEMBLE_PARTS
-from ferpipe.data.storage import Store, atomic_write, open_store
-from ferpipe.data.subject_meta import with_subject_meta
+from ferpipe.data.storage import Store, open_store
 from ferpipe.errors import UserError
-from ferpipe.evaluate.gradcam import gradcam_figure
-from ferpipe.evaluate.groups import group_accuracy
-from ferpipe.evaluate.landmark_study import combine_studies, landmark_study
 from ferpipe.evaluate.scoring import (
     ENSEMBLE,
-    combine_folds,
     evaluate_cross_dataset,
-    evaluate_predictions,
     results_table,
     save_confusion,
     write_table,
 )
-from ferpipe.model.ensemble import ensemble_predictions, predict_members
+from ferpipe.model.ensemble import predict_members
 from ferpipe.model.examples import Examples, class_names, load_examples
 from ferpipe.model.profiles import Profile, get_profile
 from ferpipe.model.training import Progress, ensemble_members, log_progress, train_member
@@ -96,46 +94,6 @@ def load_fold(dataset_uri, fold: int, profile: str | Profile, seed: int = 0, dat
     return FoldData(fold, load(split.train), load(split.val), load(split.test))
 
 
-def _prediction_rows(test: Examples, probabilities: np.ndarray, slots: Sequence[str]) -> pd.DataFrame:
-    classes = np.array(test.classes)
-    frame = pd.DataFrame({"image_id": test.image_ids, "subject": test.subjects, "label": classes[test.labels]})
-    for slot, member in zip(slots, probabilities):
-        frame[slot] = classes[member.argmax(axis=-1)]
-    frame[ENSEMBLE] = classes[ensemble_predictions(probabilities)]
-    summed = probabilities.sum(axis=0)
-    for i, name in enumerate(classes):
-        frame[f"sum_{name}"] = summed[:, i].round(5)
-    return frame
-
-
-def score_fold(models: Sequence, test: Examples, slots: Sequence[str] = ENSEMBLE_PARTS) -> tuple[dict, pd.DataFrame]:
-    """Predict a fold's test images with every member; the fold's scores and per-image rows."""
-    started = time.perf_counter()
-    if len(test):
-        probabilities = predict_members(models, test.images)
-    else:  # every test image of the fold was rejected upstream
-        probabilities = np.zeros((len(models), 0, len(test.classes)), np.float32)
-    result = evaluate_predictions(test.labels, probabilities, slots)
-    result["predict_seconds"] = time.perf_counter() - started
-    return result, _prediction_rows(test, probabilities, slots)
-
-
-def write_reports(results: dict, out_dir) -> None:
-    """Table I row, confusion matrices (summed over folds) and results.json for a finished run."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    overall = results["overall"]
-    write_table(results_table({results["network"]: overall["accuracy"]}), out / "table")
-    for name, matrix in overall["confusion"].items():
-        title = f"{results['network']} {name}: {100 * overall['accuracy'][name]:.2f}% of {overall['images']}"
-        save_confusion(np.array(matrix), results["classes"], out / "confusion" / name, title)
-    _write_json(out / "results.json", results)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    atomic_write(path, json.dumps(value, indent=1))
-
-
 class _TrainingBar:
     """A bar over a run's member trainings, its text the epoch training now (each epoch's line at DEBUG)."""
 
@@ -160,74 +118,63 @@ def train_eval(
     manifest_uri, network: str, profile: str | Profile, out_dir, seed: int = 0, folds: Sequence[int] | None = None,
     dataset: str | None = None, progress: Progress | None = None,
 ) -> dict:
-    """Train and evaluate `network` (baseline, ftl, el) over the folds of a dataset directory; see the module notes."""
+    """Train and evaluate `network` (baseline, ftl, el) over the folds of a dataset directory; see the module notes.
+
+    The pipeline's own steps, called in one process: stage 5 writes each fold (`write_fold_dataset`),
+    each member trains as a training task would (`train_on_fold`), prediction and aggregation are the
+    DAG's (`predict_fold`, `aggregate_folds`). One process keeps TensorFlow's traced steps from member to
+    member, which is all it saves over `ferpipe run`; every figure it prints, the DAG gets too.
+    """
     started = time.perf_counter()
     profile = get_profile(profile, dataset)
     store = _dataset_store(manifest_uri)
     manifest = read_manifest(store)
     check_trainable(manifest, str(store.uri))
-    classes = class_names(manifest)
     chosen = list(folds) if folds is not None else fold_ids(manifest)
     unknown = sorted(set(chosen) - set(fold_ids(manifest)))
     if unknown:
         raise UserError(f"folds {unknown} have no test rows; the manifest's folds are {fold_ids(manifest)}")
     out = Path(out_dir)
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
     usable = manifest[manifest["status"] == OK]
-    log.info(f"{network}: {len(usable)} images, classes {', '.join(classes)}, folds {chosen}, profile {profile.name}")
-    examples = load_examples(store, usable, classes, profile.input_size)
+    log.info(f"{network}: {len(usable)} images, classes {', '.join(class_names(manifest))}, folds {chosen}, "
+             f"profile {profile.name}")
     members = ensemble_members(network, seed)
-    results = {
-        "network": network, "profile": profile.name, "input_size": profile.input_size, "dataset_uri": str(store.uri),
-        "classes": list(classes), "seed": seed, "folds": {}, "overall": None, "wall_seconds": None,
-    }
     tasks, done = len(chosen) * len(members), 0
-    tested = []  # every fold's per-image predictions, for accuracy per group
     bar = _TrainingBar(tasks, progress)
+    predicted, seconds = [], {}
     with logging_redirect_tqdm():
         for fold in chosen:
-            fold_started = time.perf_counter()
-            data = split_examples(examples, manifest, fold, profile, seed)
-            models, seconds, landmark_weights = [], {}, {}
+            fold_started, here = time.perf_counter(), out / "folds" / f"fold{fold}"
+            write_fold_dataset(store, fold, profile, str(here / "data"), seed)
             for member in members:
-                member_started = time.perf_counter()
-                checkpoint = out / "checkpoints" / f"fold{fold}" / member.slot
-                trained = train_member(member, data.train, data.val, profile, checkpoint, bar.epoch)
-                seconds[member.slot] = round(time.perf_counter() - member_started, 3)
-                models.append(trained.model)
-                landmark_weights[member.slot] = trained.landmark_weights
+                summary = train_on_fold(str(here / "data"), network, member.slot, profile, str(here / member.slot),
+                                        seed, dataset, bar.epoch)
                 done += 1
                 bar.member_done()
                 elapsed = time.perf_counter() - started
-                log.info(f"[{done}/{tasks}] fold {fold} {member.name} trained in {seconds[member.slot]:.1f}s "
-                         f"(train {len(data.train)}, val {len(data.val)}); elapsed {elapsed:.0f}s, "
+                log.info(f"[{done}/{tasks}] fold {fold} {member.name} trained in {summary['wall_seconds']:.1f}s "
+                         f"(train {summary['train_images']}, val {summary['val_images']}); elapsed {elapsed:.0f}s, "
                          f"eta {elapsed / done * (tasks - done):.0f}s")
-            result, rows = score_fold(models, data.test, [m.slot for m in members])
-            rows = with_subject_meta(rows, manifest)
-            rows.to_csv(out / "predictions" / f"fold{fold}.csv", index=False)
-            tested.append(rows)
-            gradcam_figure(models, [m.slot for m in members], data.test, out / "gradcam" / f"fold{fold}.png")
-            result["landmark_study"] = landmark_study(
-                {m.slot: m.part for m in members}, landmark_weights, dict(zip([m.slot for m in members], models)),
-                data.test, out / "landmark_study" / f"fold{fold}.png")
-            result.update(train_seconds=seconds, wall_seconds=round(time.perf_counter() - fold_started, 3),
-                          train_images=len(data.train), val_images=len(data.val))
-            results["folds"][str(fold)] = result
-            _write_json(out / "results.json", results)
+            result = predict_fold(str(here / "data"), network, [str(here / m.slot) for m in members], profile,
+                                  str(here / "prediction"), seed, dataset)
+            predicted.append(str(here / "prediction"))
+            seconds[str(fold)] = round(time.perf_counter() - fold_started, 3)
             shown = " ".join(f"{k} {100 * v:.1f}" for k, v in result["accuracy"].items())
             log.info(f"fold {fold}: {result['images']} test images, accuracy % {shown}")
-            del models
     bar.close()
-    results["overall"] = combine_folds(list(results["folds"].values()))
-    results["groups"] = group_accuracy(pd.concat(tested, ignore_index=True))
-    results["landmark_study"] = combine_studies([f["landmark_study"] for f in results["folds"].values()])
-    results["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_reports(results, out)
+    results = aggregate_folds(predicted, out, network, profile.name, seed)
+    for fold, fold_seconds in seconds.items():
+        members_seconds = json.loads((out / "folds" / f"fold{fold}" / "prediction" / FOLD_RESULT).read_text())
+        results["folds"][fold].update(wall_seconds=fold_seconds, train_seconds={
+            slot: member["wall_seconds"] for slot, member in members_seconds["members"].items()})
+    results.update(input_size=profile.input_size, dataset_uri=str(store.uri),
+                   wall_seconds=round(time.perf_counter() - started, 3))
+    write_json(out / "results.json", results)
     run = {"network": network, "profile": profile.name, "dataset": dataset or "", "seed": seed,
            "data (preprocessed)": store.uri, "data fingerprint (SHA-256 of the manifest's image hashes)":
            manifest_fingerprint(manifest), "run directory": str(out.absolute())}
-    model = {"trained members": f"{out.absolute()}/checkpoints/fold<K>/<slot>/model.weights.h5",
-             "registered model": "none: train-eval registers no model"}
+    model = {"trained members": f"{out.absolute()}/folds/fold<K>/<slot>/model.weights.h5",
+             "registered model": "none: train-eval registers no model (ferpipe run does)"}
     write_report(results, out, dataset=dataset or Path(str(store.uri)).name, run=run, dataset_dir=store, model=model)
     shown = " ".join(f"{k} {100 * v:.2f}" for k, v in results["overall"]["accuracy"].items())
     log.info(f"{network} overall accuracy % {shown}; {results['wall_seconds']:.0f}s; results in {out}")
@@ -277,6 +224,6 @@ def cross_dataset_eval(
     write_table(results_table({network: result["accuracy"]}), out / "table")
     save_confusion(np.array(result["confusion"][ENSEMBLE]), classes, out / "confusion" / ENSEMBLE,
                    f"{network} ensemble, cross-dataset: {100 * result['accuracy'][ENSEMBLE]:.2f}%")
-    _write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
     log.info(f"{network} cross-dataset accuracy % " + " ".join(f"{k} {100 * v:.2f}" for k, v in result["accuracy"].items()))
     return result

@@ -19,14 +19,16 @@ divides dlib's pixel indices by the crop size), so pixel i's centre is i/size
 and the image centre is ((size - 1) / 2, (size - 1) / 2), as in Keras.
 
 Points that leave the crop: a draw that pushes more than `max_leaving` points
-(of all 68: the copies are shared by the five part networks) from inside
+(of all 68, whichever part a member regresses: one rule for every member) from inside
 [0, 1] to outside is redrawn, up to `retries` times; if every draw loses
 points, the one losing fewest is kept and its points are clipped to [0, 1].
 Redrawing biases the transforms slightly towards small ones, which is what a
 face crop allows anyway. All returned points are clipped to [0, 1].
 
-This module is numpy + OpenCV only, so the stage-5 component stays light;
-`training` wraps `BatchStream` for Keras.
+Training draws afresh every epoch through `BatchStream`, seeded by (member,
+phase, epoch, batch); stage 5 records the settings and seed and pictures the
+draws (crossval.fold_dataset). This module is numpy + OpenCV only, so the
+stage-5 component stays light.
 """
 
 from __future__ import annotations
@@ -64,14 +66,6 @@ class Transform:
 
     matrix: np.ndarray  # 2x3 float64
     flipped: bool
-
-
-@dataclass(frozen=True)
-class AugmentedCopies:
-    images: np.ndarray  # (N, H, W, 3) uint8
-    points: np.ndarray  # (N, 68, 2) float32 in [0, 1]
-    source_index: np.ndarray  # (N,) row of the input each copy came from
-    copy_index: np.ndarray  # (N,) 0 = the original when kept, else 1..k
 
 
 def compose(size: int, flipped: bool, rotation_deg: float, shift_x: float, shift_y: float, shear_deg: float) -> Transform:
@@ -157,45 +151,19 @@ def augment_batch(
     return out_images, out_points
 
 
-def augment_copies(
-    images: np.ndarray,
-    points: np.ndarray,
-    copies: int,
-    seed: int = 0,
-    settings: AugmentSettings = AugmentSettings(),
-    include_original: bool = True,
-) -> AugmentedCopies:
-    """k augmented copies per image (after the original, when kept), materialised as arrays.
-
-    Each source image has its own generator seeded by (seed, row index), so
-    its copies do not depend on the other rows (appending rows changes nothing).
-    """
-    out_images, out_points, source, copy = [], [], [], []
-    for i in range(len(images)):
-        if include_original:
-            out_images.append(images[i])
-            out_points.append(np.clip(points[i], 0.0, 1.0).astype(np.float32))
-            source.append(i)
-            copy.append(0)
-        rng = np.random.default_rng([seed, i])
-        for k in range(1, copies + 1):
-            image, moved = augment_example(images[i], points[i], rng, settings)
-            out_images.append(image)
-            out_points.append(moved)
-            source.append(i)
-            copy.append(k)
-    size = images.shape[1:] if len(images) else (0, 0, 3)
-    return AugmentedCopies(
-        images=np.stack(out_images) if out_images else np.empty((0, *size), np.uint8),
-        points=np.stack(out_points) if out_points else np.empty((0, *points.shape[1:]), np.float32),
-        source_index=np.asarray(source, dtype=np.int64),
-        copy_index=np.asarray(copy, dtype=np.int64),
-    )
-
-
 def to_network_input(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [-1, 1], what the networks are fed."""
     return images.astype(np.float32) / 127.5 - 1.0
+
+
+def member_seed(seed: int, position: int) -> int:
+    """The seed of the ensemble's member at `position` (0-4) in a run seeded `seed`."""
+    return seed * 100 + position
+
+
+def stream_seed(member: int, phase_index: int) -> int:
+    """The seed of a member's batches in its phase number `phase_index` (0 first): what training draws."""
+    return member * 16 + phase_index
 
 
 class BatchStream:
@@ -229,11 +197,16 @@ class BatchStream:
         permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
         return np.resize(permutation, len(self) * self.batch_size)
 
-    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch as pixels: (uint8 images, their moved points, the rows they came from)."""
         rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         images, points = self.images[rows], self.points[rows]
         if self.settings is not None:
             images, points = augment_batch(images, points, np.random.default_rng([self.seed, epoch, index]), self.settings)
+        return images, points, rows
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        images, points, rows = self.draw(epoch, index)
         return to_network_input(images), self.targets(points, rows)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ validation loss, best weights restored) usually ends a phase sooner.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from ferpipe.model.augment import AugmentSettings
@@ -37,7 +36,7 @@ class Profile:
     # BatchNorm's moving-average momentum: Keras' 0.99 forgets over ~100 steps, more than
     # a short run takes; the short profiles use 0.9 (~10 steps). Parameter counts are unchanged.
     bn_momentum: float = 0.99
-    # None trains on the crops as they are (e.g. on a dataset stage 5 already augmented).
+    # How training augments, drawn afresh every epoch; None trains on the crops as they are.
     augment: AugmentSettings | None = AugmentSettings()
 
     def epochs(self, phase: str) -> int:
@@ -97,23 +96,3 @@ def get_profile(name: str | Profile, dataset: str | None = None) -> Profile:
                 finetune_epochs=classifier - profile.head_epochs,
             )
     return profile
-
-
-def on_materialised_copies(profile: Profile, copies: int) -> Profile:
-    """The profile for training on a dataset stage 5 already augmented (the original + `copies` per image).
-
-    Such an epoch is (1 + copies) times as many steps, so epochs and patience
-    shrink by that factor (rounded up) to keep a member's number of steps, and
-    online augmentation is off: the copies are the augmentation.
-    """
-    factor = 1 + copies
-    shrink = lambda epochs: max(1, math.ceil(epochs / factor))  # noqa: E731
-    return replace(
-        profile,
-        baseline_epochs=shrink(profile.baseline_epochs),
-        landmark_epochs=shrink(profile.landmark_epochs),
-        head_epochs=shrink(profile.head_epochs),
-        finetune_epochs=shrink(profile.finetune_epochs),
-        patience=shrink(profile.patience),
-        augment=None,
-    )

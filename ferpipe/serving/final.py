@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from ferpipe.crossval.fold_dataset import ALL_SUBJECTS, read_fold_info
-from ferpipe.crossval.steps import load_trained_members, pipeline_profile
+from ferpipe.crossval.steps import load_trained_members
+from ferpipe.model.profiles import get_profile
 from ferpipe.preprocess.chain import PreprocessSettings
 
 
@@ -27,11 +28,11 @@ def export_final_model(fold_dir: str, network: str, member_dirs: Sequence[str], 
     info = read_fold_info(fold_dir)
     if info["fold"] != ALL_SUBJECTS:
         raise ValueError(f"the final model trains on all subjects, not on cross-validation fold {info['fold']}")
-    chosen = pipeline_profile(profile, dataset)
+    chosen = get_profile(profile, dataset)
     members, models, by_slot = load_trained_members(member_dirs, network, seed, len(info["classes"]),
                                                     chosen.input_size, "the final model")
     graph = build_ensemble_model(models, [m.slot for m in members])
-    training = {"train_images": info["train_images"], "train_examples": info["train_examples"],
+    training = {"train_images": info["train_images"], "augment": info["augment"],
                 "val_images": info["val_images"], "profile": chosen.name, "seed": seed,
                 "epochs_run": {m.slot: len(by_slot[m.slot][1].get("history", [])) for m in members}}
     described = serving_info(info["classes"], [m.slot for m in members], network, chosen.input_size, settings,
