@@ -171,25 +171,24 @@ def test_profiles():
     assert get_profile(SMOKE) is SMOKE
 
 
-def test_batch_statistics_are_recomputed_from_the_images_given(monkeypatch):
+def test_batch_statistics_are_recomputed_from_the_images_given():
     """Precise BN: the moving mean and variance become the statistics of the reference images under the
-    current weights (averaged over chunks), the weights do not move, and the momentum is put back."""
+    current weights, the weights do not move, the momentum is put back, and a second call follows new weights."""
     import keras
 
-    from ferpipe.model import training
+    from ferpipe.model.training import refresh_batch_statistics
 
     extractor = build_extractor(SMOKE.input_size, bn_momentum=0.9, seed=3)
     bn, conv = extractor.get_layer("block1_bn1"), extractor.get_layer("block1_conv1")
-    before = [w.copy() for w in extractor.get_weights()]
+    trainable = lambda: [v.numpy().copy() for v in extractor.trainable_weights]  # noqa: E731
+    before = trainable()
     images = np.random.default_rng(0).uniform(-1, 1, (12, SMOKE.input_size, SMOKE.input_size, 3)).astype(np.float32)
-    monkeypatch.setattr(training, "PRECISE_BN_CHUNK", 4)  # three chunks of four
-    training.refresh_batch_statistics(extractor, images)
-    features = keras.Model(extractor.input, conv.output)(images).numpy()
-    chunk_means = [chunk.mean(axis=(0, 1, 2)) for chunk in np.split(features, 3)]
-    chunk_vars = [chunk.var(axis=(0, 1, 2)) for chunk in np.split(features, 3)]
-    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(chunk_means, axis=0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean(chunk_vars, axis=0), rtol=1e-3, atol=1e-5)
-    assert bn.momentum == 0.9
-    trainable = [w for w, v in zip(extractor.get_weights(), extractor.weights) if v.trainable]
-    assert all(np.array_equal(a, b) for a, b in zip(trainable, [w for w, v in zip(before, extractor.weights)
-                                                                if v.trainable]))
+    features = keras.Model(extractor.input, conv.output)
+    for _ in range(2):
+        refresh_batch_statistics(extractor, images)
+        seen = features(images).numpy()
+        np.testing.assert_allclose(bn.moving_mean.numpy(), seen.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), seen.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+        assert bn.momentum == 0.9 and all(np.array_equal(a, b) for a, b in zip(trainable(), before))
+        conv.kernel.assign(conv.kernel * 2.0)  # new weights: the next refresh must see them
+        before = trainable()
