@@ -19,5 +19,5 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The demo set has 6 pseudo-subjects: 6 leave-one-subject-out folds (30 member trainings), then the
-# final model (5 more) registered in runs/demo/mlflow.db. Measured on two CPU cores: 24.6 min
-# (cross-validation 19.8, the final model 4.8), the first minutes beside another test run.
+# final model (5 more) registered in runs/demo/mlflow.db. Measured on two CPU cores before training looped over
+# train_on_batch (2x faster per epoch, not re-measured since): 24.6 min (cross-validation 19.8, final model 4.8).

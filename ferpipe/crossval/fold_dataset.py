@@ -6,9 +6,10 @@ the training side) or `test` (the fold's held-out subjects). `fold.json`
 records the fold, the classes and the augmentation plan: the settings and the
 seed every training task augments with. Training augments online, a fresh
 draw of every image in every epoch (`augment.BatchStream`, seeded by member,
-phase, epoch and batch), which learned as well as training on copies written
-here and cost less (the comparison is in the README); so stage 5 writes the
-plan and a picture of what it draws, `augmentation.png`, rather than copies.
+phase, epoch and batch), as the paper's ImageDataGenerator did. Measured on
+London it learned as well as training on copies written here (README), and it
+writes none: stage 5 writes the plan and a picture of what training draws,
+`augmentation.png`.
 
 The final model trains on a "fold" with nobody held out (`ALL_SUBJECTS`):
 the same stage, task and training code as a cross-validation fold, with an
