@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ferpipe.console import progress_bar
@@ -73,14 +72,6 @@ def _dataset_store(uri: str | os.PathLike | Store) -> Store:
     if text.endswith(".parquet"):
         text = text.rsplit("/", 1)[0] if "/" in text else "."
     return open_store(text)
-
-
-def split_examples(examples: Examples, manifest: pd.DataFrame, fold: int, profile: Profile, seed: int = 0) -> FoldData:
-    """A fold's train/val/test examples out of examples preloaded for every usable row."""
-    split = split_fold(manifest, fold, profile.val_fraction, seed)
-    row_of = {image_id: i for i, image_id in enumerate(examples.image_ids)}
-    pick = lambda rows: examples.take([row_of[i] for i in rows["image_id"].astype(str)])  # noqa: E731
-    return FoldData(fold, pick(split.train), pick(split.val), pick(split.test))
 
 
 def load_fold(dataset_uri, fold: int, profile: str | Profile, seed: int = 0, dataset: str | None = None) -> FoldData:

@@ -175,9 +175,9 @@ class BatchStream:
 
     `targets(points, rows)` returns what the network should predict for the
     batch: the augmented points of a part for landmark regression, or the
-    rows' one-hot labels for classification. The owner sets `epoch` before
-    each pass (training does it from Keras' on_epoch_begin), so a resumed run
-    sees the same batches as an uninterrupted one.
+    rows' one-hot labels for classification. A batch is a function of
+    (seed, epoch, index) alone, so a resumed run sees the batches an
+    uninterrupted one would.
     """
 
     def __init__(self, images, points, targets, batch_size=32, seed=0, settings: AugmentSettings | None = AugmentSettings()):
@@ -187,7 +187,6 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.settings = settings
-        self.epoch = 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
@@ -208,6 +207,3 @@ class BatchStream:
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         images, points, rows = self.draw(epoch, index)
         return to_network_input(images), self.targets(points, rows)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.batch(self.epoch, index)
