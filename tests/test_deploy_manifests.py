@@ -568,3 +568,17 @@ def test_pipeline_pods_get_an_ephemeral_storage_request(rendered):
     (container,) = [rule for rule in limits["spec"]["limits"] if rule["type"] == "Container"]
     assert container["defaultRequest"]["ephemeral-storage"].endswith("Gi")
     assert limits["metadata"]["namespace"] != NAMESPACE  # where KFP runs the pods, not ferpipe's services
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_the_makefile_keeps_the_readmes_commands():
+    """`make run` and the derived-file targets exist: a comment edit once cut the Makefile short and
+    `make run` answered "Nothing to be done" while `make test` stayed green."""
+    def planned(target: str) -> str:
+        return subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout
+
+    assert "ferpipe run --dataset jaffe --data data/demo-synthetic" in planned("run")
+    assert "ferpipe demo-data" in planned("run")
+    assert "pipelines.refresh" in planned("compile")
+    assert "pytest" in planned("test")
