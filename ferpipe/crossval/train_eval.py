@@ -22,7 +22,6 @@ all of another.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -36,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ferpipe.console import progress_bar
 from ferpipe.crossval.fold_dataset import write_fold_dataset
 from ferpipe.crossval.html_report import manifest_fingerprint, write_report
-from ferpipe.crossval.steps import FOLD_RESULT, aggregate_folds, predict_fold, train_on_fold, write_json
+from ferpipe.crossval.steps import aggregate_folds, predict_fold, train_on_fold, write_json
 from ferpipe.data.folds import TRAIN_ONLY, check_trainable, fold_ids, split_fold
 from ferpipe.data.manifest import OK, read_manifest
 from ferpipe.data.storage import Store, open_store
@@ -149,15 +148,14 @@ def train_eval(
             result = predict_fold(str(here / "data"), network, [str(here / m.slot) for m in members], profile,
                                   str(here / "prediction"), seed, dataset)
             predicted.append(str(here / "prediction"))
-            seconds[str(fold)] = round(time.perf_counter() - fold_started, 3)
+            seconds[str(fold)] = {"wall_seconds": round(time.perf_counter() - fold_started, 3), "train_seconds": {
+                slot: member["wall_seconds"] for slot, member in result["members"].items()}}
             shown = " ".join(f"{k} {100 * v:.1f}" for k, v in result["accuracy"].items())
             log.info(f"fold {fold}: {result['images']} test images, accuracy % {shown}")
     bar.close()
     results = aggregate_folds(predicted, out, network, profile.name, seed)
-    for fold, fold_seconds in seconds.items():
-        members_seconds = json.loads((out / "folds" / f"fold{fold}" / "prediction" / FOLD_RESULT).read_text())
-        results["folds"][fold].update(wall_seconds=fold_seconds, train_seconds={
-            slot: member["wall_seconds"] for slot, member in members_seconds["members"].items()})
+    for fold, fold_seconds in seconds.items():  # predict_fold's results carry them; aggregation drops members
+        results["folds"][fold].update(fold_seconds)
     results.update(input_size=profile.input_size, dataset_uri=str(store.uri),
                    wall_seconds=round(time.perf_counter() - started, 3))
     write_json(out / "results.json", results)
