@@ -13,7 +13,6 @@ of total, folds done, what is training now, and the time left.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 from ferpipe.console import progress_bar
 from ferpipe.data.datasets import DATASETS, open_source
@@ -37,17 +36,34 @@ LOCAL_FOLD_PARALLELISM = 2
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 
 
-@contextlib.contextmanager
-def task_threads(parallel: int = LOCAL_FOLD_PARALLELISM) -> Iterator[int]:
-    """Each task's threads while the local runner runs `parallel` tasks at a time: the cores shared out."""
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    for name in THREAD_VARIABLES:
-        os.environ.setdefault(name, str(threads))
-    try:
-        yield threads
-    finally:
-        for name, value in saved.items():
+class TaskThreads:
+    """Each task's thread pools: the cores shared out among the tasks the local runner runs at once.
+
+    In the fold loop `parallel` tasks run at a time. After it (aggregation, the final model's five
+    trainings) the runner starts one task at a time, and `one_at_a_time` gives each every core: the
+    final trainings at one thread would leave a core idle for minutes. Tasks read the variables when
+    they start; one a person set is kept throughout.
+    """
+
+    def __init__(self, parallel: int = LOCAL_FOLD_PARALLELISM):
+        self.cores = os.cpu_count() or 1
+        self.per_task = max(1, self.cores // parallel)
+
+    def __enter__(self) -> "TaskThreads":
+        self.saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+        self.ours = [name for name, value in self.saved.items() if value is None]
+        self._set(self.per_task)
+        return self
+
+    def one_at_a_time(self) -> None:
+        self._set(self.cores)
+
+    def _set(self, threads: int) -> None:
+        for name in self.ours:
+            os.environ[name] = str(threads)
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self.saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
@@ -152,8 +168,9 @@ class LiveView:
     FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-    def __init__(self, root: Path, log: Path, counts: TaskCounts, final_model: bool = True):
-        self.root, self.log, self.counts = root, log, counts
+    def __init__(self, root: Path, log: Path, counts: TaskCounts, final_model: bool = True,
+                 after_folds: Callable[[], None] | None = None):
+        self.root, self.log, self.counts, self.after_folds = root, log, counts, after_folds
         self.final_tasks = counts.final if final_model else 0
         self.running: list[str] = []
         self.done = self.folds_done = 0
@@ -204,6 +221,8 @@ class LiveView:
     def _line(self, line: str) -> None:
         if match := self.STARTED.search(line):
             self.running.append(match.group(1))
+            if match.group(1) == "aggregation":  # it starts once every fold is over
+                self._folds_over()
         elif match := self.FINISHED.search(line):
             task, status = match.groups()
             if task in self.running:
@@ -217,6 +236,19 @@ class LiveView:
             if task == "prediction-stage":
                 self.folds_done += 1
             self._show(task, status)
+
+    def _folds_over(self) -> None:
+        """The fold loop has ended. KFP's runner sometimes never prints the finish line of a loop task when
+        two iterations end together (seen: the last prediction), so what still shows as running is done."""
+        lost = [task for task in self.running if task != "aggregation"]
+        self.running = ["aggregation"]
+        if self.total_folds is not None:
+            self.folds_done = self.total_folds
+        for task in lost:  # a failed loop task would have stopped the run before the aggregation
+            self.done += 1
+            self._show(task, "SUCCESS")
+        if self.after_folds is not None:
+            self.after_folds()
 
     def _planned_folds(self) -> int | None:
         plans = sorted(self.root.glob("*/fold-plan/executor_output.json"), key=lambda p: p.stat().st_mtime)
@@ -278,8 +310,9 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
     original_print = builtins.print
     try:
-        with task_threads(), LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
-                                      bool(arguments.get("final_model", True))) as view:
+        with TaskThreads() as threads, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
+                                                bool(arguments.get("final_model", True)),
+                                                after_folds=threads.one_at_a_time) as view:
             task = ferpipe_pipeline(**arguments)
     finally:
         os.chdir(cwd)

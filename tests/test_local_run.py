@@ -56,16 +56,30 @@ def test_an_unreachable_mlflow_server_is_one_line_before_anything_runs(tmp_path,
     assert not (tmp_path / "out" / "artifacts").exists()  # refused before the pipeline started
 
 
-def test_tasks_share_the_cores_and_the_environment_is_restored(monkeypatch):
-    from pipelines.local_run import THREAD_VARIABLES, task_threads
+def test_tasks_share_the_cores_then_take_them_all_and_the_environment_is_restored(monkeypatch):
+    from pipelines.local_run import THREAD_VARIABLES, TaskThreads
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a person's own setting wins
     before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    with task_threads(parallel=2) as threads:
-        assert threads == 4 and os.environ["TF_NUM_INTRAOP_THREADS"] == "4" and os.environ["OMP_NUM_THREADS"] == "3"
+    with TaskThreads(parallel=2) as threads:
+        assert threads.per_task == 4
+        assert os.environ["TF_NUM_INTRAOP_THREADS"] == "4" and os.environ["OMP_NUM_THREADS"] == "3"
+        threads.one_at_a_time()
+        assert os.environ["TF_NUM_INTRAOP_THREADS"] == "8" and os.environ["OMP_NUM_THREADS"] == "3"
     assert {name: os.environ.get(name) for name in THREAD_VARIABLES} == before
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    with task_threads(parallel=2) as threads:
-        assert threads == 1 and os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+    with TaskThreads(parallel=2) as threads:
+        assert threads.per_task == 1 and os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+
+
+def test_the_view_hands_over_the_cores_when_the_aggregation_starts(tmp_path, capfd):
+    calls = []
+    with LiveView(tmp_path, tmp_path / "run.log", TaskCounts(outside=8, per_fold=7, final=7),
+                  after_folds=lambda: calls.append("all cores")) as view:
+        # Two loop iterations end together and KFP's runner prints only one finish line (seen on a London run).
+        for line in ("Executing task 'prediction-stage'", "Executing task 'prediction-stage'",
+                     "Task 'prediction-stage' finished with status SUCCESS", "Executing task 'aggregation'"):
+            os.write(1, (line + "\n").encode())
+    assert view.done == 2 and view.running == ["aggregation"] and calls == ["all cores"]
