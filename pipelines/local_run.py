@@ -339,7 +339,8 @@ def show_outcome(run: LocalRun) -> None:
         if hit:
             print(f"cache:       {task}: {hit} of {total} reused")
     print(f"report:      {run.results / 'report.html'}  (open it in a browser: the whole run on one page)")
-    print(f"results:     {run.results}/  (report.md, table.md, results.json, confusion/, gradcam/, landmark_study/)")
+    print(f"results:     {run.results}/  (report.md, table.md, results.json, misses.png, confusion/, gradcam/, "
+          "landmark_study/)")
     print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
     print(f"log:         {run.log}  (every task's full output)")
     print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")

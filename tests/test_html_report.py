@@ -82,6 +82,12 @@ def test_report_has_every_section_filled_and_only_embedded_pictures(run):
         assert decode_png(base64.b64decode(source.split(",", 1)[1])).size > 0
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)
     assert "97.14" in text  # the paper's JAFFE ensemble beside ours
+    matrix = np.array(results["overall"]["confusion"]["ensemble"])
+    wrong = int(matrix.sum() - np.trace(matrix))  # the misses section says what the confusion matrix says
+    if wrong:
+        assert "misses" in pictured and f"{wrong} of {results['overall']['images']} test images" in text
+    else:
+        assert "got every test image right" in text
     assert "too few to say" in text and "18-24" in text and "female" in text
     assert "empty file" in text and "no_face" in text  # both reject kinds, with their reasons
     assert results["groups"]["attributes"]["gender"][0]["images"] == results["overall"]["images"] // 2

@@ -10,7 +10,7 @@ own box instead of widening the page, pictures shrink to the screen.
 
 Sections, in the order a reviewer asks the questions (`SECTIONS`): what ran
 on which data; how accurate, next to the paper's Table I with the spread
-across folds; where it errs (confusion matrices); where it looks (Grad-CAM);
+across folds; where it errs (confusion matrices) and on which faces; where it looks (Grad-CAM);
 whether it serves every group of people alike; whether fine-tuning kept the
 landmark knowledge (the paper's V-B); what it costs (complexity); what the
 data lost on the way (data quality); where the model is.
@@ -26,13 +26,16 @@ from pathlib import Path
 from typing import Sequence
 
 from ferpipe.evaluate.groups import BELOW, TOO_FEW
+from ferpipe.evaluate.misses import MAX_MISSES
 from ferpipe.evaluate.scoring import ENSEMBLE, PAPER_EL_ENSEMBLE_ACCURACY, TABLE_COLUMNS, TABLE_ROWS
 
 REPORT_FILE = "report.html"
+MISSES_FILE = "misses.png"
 SECTIONS = {
     "run": "Run and data",
     "results": "Accuracy and the paper's Table I",
     "confusion": "Confusion matrices",
+    "misses": "The images it got wrong",
     "gradcam": "Grad-CAM: where each part network looks",
     "groups": "Accuracy per group of people",
     "landmarks": "Landmark study (paper section V-B, figure 10)",
@@ -148,6 +151,22 @@ def _confusion_section(reports: Path, results: dict) -> str:
     figures = "".join(_figure(reports / "confusion" / f"{name}.png", f"{name}: rows true class, columns predicted")
                       for name in order)
     return f"<div class=figures>{figures}</div>" if figures else "<p>No confusion matrices were written.</p>"
+
+
+def _misses_section(reports: Path, results: dict) -> str:
+    matrix = results["overall"]["confusion"].get(ENSEMBLE)
+    if matrix is None:
+        return "<p>No predictions were pooled.</p>"
+    wrong = int(sum(map(sum, matrix)) - sum(matrix[i][i] for i in range(len(matrix))))
+    if not wrong:
+        return "<p>The ensemble got every test image right.</p>"
+    figure = _figure(reports / MISSES_FILE, "true class -> the ensemble's pick; the pick's share of the summed "
+                                            "probabilities; the image")
+    shown = min(wrong, MAX_MISSES)
+    text = (f"<p class=note>{wrong} of {results['overall']['images']} test images, "
+            f"{'all' if shown == wrong else f'the {shown} most confident'} shown, the most confident mistakes first. "
+            "Look for labels the face does not show before blaming the model.</p>")
+    return text + (figure or "<p>The picture was not written (the stage-4 dataset was not at hand).</p>")
 
 
 def _fold_pictures(reports: Path, folder: str, results: dict, caption: str) -> str:
@@ -267,6 +286,7 @@ def render_report(results: dict, reports_dir: str | Path, *, dataset: str, run: 
         _section("run", _run_section(results, run)),
         _section("results", _results_section(results, dataset)),
         _section("confusion", _confusion_section(reports, results)),
+        _section("misses", _misses_section(reports, results)),
         _section("gradcam", ("<p class=note>Rows are test images chosen across the classes; columns each part "
                              "network's heat map over the face and its pick.</p>"
                              f"<div class='figures wide'>{gradcam}</div>") if gradcam else "<p>No Grad-CAM pictures.</p>"),
@@ -295,12 +315,22 @@ def manifest_fingerprint(manifest) -> str:
 def write_report(results: dict, reports_dir: str | Path, *, dataset: str, run: dict, dataset_dir=None,
                  model: dict | None = None, synthetic: bool = False) -> Path:
     """Measure complexity, read the data quality from `dataset_dir`'s manifest, write REPORT_FILE; its path."""
+    import pandas as pd
+
     from ferpipe.data.manifest import read_manifest
+    from ferpipe.evaluate.misses import misses_sheet
     from ferpipe.model.complexity import measure_complexity
+    from ferpipe.preprocess.imaging import encode_png
     from ferpipe.preprocess.quality import data_quality
 
     classes = len(results["classes"])
     quality = data_quality(read_manifest(dataset_dir)) if dataset_dir else None
+    predictions = sorted((Path(reports_dir) / "predictions").glob("fold*.csv"))  # aggregate_folds put them there
+    if dataset_dir and predictions:
+        pooled = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in predictions], ignore_index=True)
+        sheet = misses_sheet(pooled, dataset_dir, results["classes"])
+        if sheet is not None:
+            (Path(reports_dir) / MISSES_FILE).write_bytes(encode_png(sheet))
     page = render_report(results, reports_dir, dataset=dataset, run=run,
                          complexity=measure_complexity(classes).as_dict(),
                          quality=quality, model=model, synthetic=synthetic)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ferpipe import __version__
-from ferpipe.crossval.html_report import write_report
+from ferpipe.crossval.html_report import MISSES_FILE, write_report
 from ferpipe.crossval.steps import aggregate_folds
 from ferpipe.data.storage import open_store
 from ferpipe.evaluate.scoring import ENSEMBLE, markdown_table, results_table
@@ -185,6 +185,8 @@ def publish(prediction_dirs: Sequence[str], out_dir: str, *, network: str, profi
         client = MlflowClient(mlflow_uri)
         client.log_text(run_id, markdown, "report.md")
         client.log_artifact(run_id, str(html_path))
+        if (Path(out_dir) / MISSES_FILE).is_file():  # drawn with the page, after the reports were logged
+            client.log_artifact(run_id, str(Path(out_dir) / MISSES_FILE))
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in study_metrics(results).items()])
     overall = results["overall"]
