@@ -63,8 +63,15 @@ def for_console(verbose: bool = False) -> None:
 
 
 def for_task() -> None:
-    """A pipeline task (a pod, or a local-runner subprocess): timestamps and levels, library warnings kept."""
+    """A pipeline task (a pod, or a local-runner subprocess): timestamps and levels, library warnings kept.
+
+    The process is the task's: KFP's executor has already given the root logger a console handler of its
+    own (`basicConfig`), and beside ours it printed every line twice, so ours replaces it.
+    """
     _quiet_tensorflow("1")
+    root = logging.getLogger()
+    for host in [h for h in root.handlers if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]:
+        root.removeHandler(host)
     _install(_handler(sys.stdout, TASK_FORMAT), logging.INFO, logging.WARNING)
 
 
