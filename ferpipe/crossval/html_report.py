@@ -10,10 +10,11 @@ own box instead of widening the page, pictures shrink to the screen.
 
 Sections, in the order a reviewer asks the questions (`SECTIONS`): what ran
 on which data; how accurate, next to the paper's Table I with the spread
-across folds; where it errs (confusion matrices) and on which faces; where it looks (Grad-CAM);
-whether it serves every group of people alike; whether fine-tuning kept the
-landmark knowledge (the paper's V-B); what it costs (complexity); what the
-data lost on the way (data quality); where the model is.
+across folds; where it errs (confusion matrices) and on which faces (the
+misses); where it looks (Grad-CAM); whether it serves every group of people
+alike; whether fine-tuning kept the landmark knowledge (the paper's V-B); what
+it costs (complexity); what the data lost on the way (data quality); where the
+model is.
 """
 
 from __future__ import annotations
