@@ -316,8 +316,7 @@ def manifest_fingerprint(manifest) -> str:
 def write_report(results: dict, reports_dir: str | Path, *, dataset: str, run: dict, dataset_dir=None,
                  model: dict | None = None, synthetic: bool = False) -> Path:
     """Measure complexity, read the data quality from `dataset_dir`'s manifest, write REPORT_FILE; its path."""
-    import pandas as pd
-
+    from ferpipe.crossval.steps import read_predictions
     from ferpipe.data.manifest import read_manifest
     from ferpipe.evaluate.misses import misses_sheet
     from ferpipe.model.complexity import measure_complexity
@@ -328,8 +327,7 @@ def write_report(results: dict, reports_dir: str | Path, *, dataset: str, run: d
     quality = data_quality(read_manifest(dataset_dir)) if dataset_dir else None
     predictions = sorted((Path(reports_dir) / "predictions").glob("fold*.csv"))  # aggregate_folds put them there
     if dataset_dir and predictions:
-        pooled = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in predictions], ignore_index=True)
-        sheet = misses_sheet(pooled, dataset_dir, results["classes"])
+        sheet = misses_sheet(read_predictions(predictions), dataset_dir, results["classes"])
         if sheet is not None:
             (Path(reports_dir) / MISSES_FILE).write_bytes(encode_png(sheet))
     page = render_report(results, reports_dir, dataset=dataset, run=run,

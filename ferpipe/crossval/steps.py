@@ -240,8 +240,13 @@ def aggregate_folds(prediction_dirs: Sequence[str], out_dir: str, network: str, 
 
 
 def pooled_predictions(prediction_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """Every fold's per-image predictions in one frame; ids and metadata as text (subject 001 stays 001)."""
-    frames = [pd.read_csv(Path(d) / PREDICTIONS_FILE, dtype=str, keep_default_na=False, na_values=[""])
-              for d in prediction_dirs if (Path(d) / PREDICTIONS_FILE).is_file()]
+    """Every fold's per-image predictions in one frame (`read_predictions`), from the prediction steps' folders."""
+    return read_predictions([Path(d) / PREDICTIONS_FILE for d in prediction_dirs
+                             if (Path(d) / PREDICTIONS_FILE).is_file()])
+
+
+def read_predictions(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Per-image prediction CSVs in one frame; ids and metadata as text (subject 001 stays 001), empty as None."""
+    frames = [pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]) for path in paths]
     frames = [f.astype(object).where(f.notna(), None) for f in frames]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["subject", "label", "ensemble"])
