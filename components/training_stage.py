@@ -8,26 +8,26 @@ from components.images import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def training_stage(fold_data: Input[Dataset], network: str, slot: str, profile: str, dataset: str, seed: int,
-                   cache_uri: str, work_uri: str, kfp_run_id: str, model: Output[Model], mlflow_uri: str = "",
+                   cache_uri: str, work_uri: str, model: Output[Model], mlflow_uri: str = "",
                    experiment: str = "ferpipe"):
     """Member `slot` (eyebrows, eyes, nose, mouth or jaw) of `network`: transfer learning in three phases
     (el, ftl) or direct training (baseline), early stopping on the validation subjects.
 
-    The checkpoint is mirrored to <work_uri>/<kfp_run_id>/checkpoints/ after every epoch: a retry of this
-    task (same run id) on another node resumes from the last epoch written. Its MLflow run hears every
-    epoch as it ends (needs only the tracking URI, see ferpipe/crossval/tracking.py).
+    No input names the KFP run, so KFP's cache reuses the task when its fold's data and settings are
+    unchanged. The checkpoint is mirrored after every epoch to <cache_uri>/checkpoints/<member key>/
+    (<work_uri>/... without a cache), keyed by what the member is trained on: a retry on another node
+    resumes from the last epoch written. Its MLflow run hears every epoch as it ends, the pipeline run
+    taken from the pod's environment (ferpipe/crossval/tracking.py).
     """
     from ferpipe.console import for_task
     from ferpipe.crossval.fold_dataset import read_fold_info
     from ferpipe.crossval.member_cache import train_or_restore
-    from ferpipe.crossval.steps import run_store
     from ferpipe.crossval.tracking import MemberLog
 
     for_task()
-    checkpoints = run_store(work_uri, kfp_run_id).child("checkpoints") if work_uri else None
-    live = MemberLog(mlflow_uri, experiment, kfp_run_id, read_fold_info(fold_data.path)["fold"], network, slot)
+    live = MemberLog(mlflow_uri, experiment, read_fold_info(fold_data.path)["fold"], network, slot)
     summary, cached = train_or_restore(fold_data.path, network, slot, profile, model.path, seed, dataset, cache_uri,
-                                       checkpoints, on_epoch=live.on_epoch)
+                                       checkpoint_uri=cache_uri or work_uri, on_epoch=live.on_epoch)
     live.finish(summary, model.path)
     model.metadata.update({k: v for k, v in summary.items() if k not in ("history", "classes")})
     model.metadata["cached"] = cached

@@ -6,6 +6,21 @@ compiler, API server) and names its evidence. `tests/test_backend_compat.py`
 finds each construct in the compiled IR and fails when one needs a backend
 newer than `MIN_BACKEND`; `ferpipe submit` and `schedule` ask the server's
 healthz for its version and refuse an older one.
+
+Two behaviours of the 2.5 backend shape the DAG without being constructs it
+could avoid (both read at the 2.5.0 tag):
+
+- Retry policies reach root-DAG tasks only: `getTaskRetryPolicySpec` in
+  `backend/src/v2/compiler/argocompiler/container.go` looks the task up in the
+  root DAG and finds nothing for a task inside a `ParallelFor` or a `dsl.If`.
+  So before 2.14 every task in the shard and fold loops and in the final-model
+  branch, all ten trainings among them, runs once; a lost node fails the run,
+  and a rerun resumes the trainings from their checkpoints.
+- A recurring run's runs have no display name: `ScheduledWorkflow` in
+  `backend/src/apiserver/template/v2_template.go` (lines 77-78) compiles the
+  job from an empty `PipelineJob`, so `{{$.pipeline_job_name}}` is empty in
+  every scheduled run. The MLflow start step names such a run from the dataset,
+  network, profile and its start time instead (ferpipe.crossval.report).
 """
 
 from __future__ import annotations
@@ -72,6 +87,11 @@ CONSTRUCTS = (
     Construct("secret as environment, node selector, toleration (kfp-kubernetes)", "2.1.0",
               "backend/src/v2/driver/driver.go: secretAsEnv and nodeSelector at 2.0.0, tolerations from 2.1.0 (PR #10471)",
               lambda ir, k8s: any({"secretAsEnv", "nodeSelector", "tolerations"} & set(e) for e in k8s.values())),
+    Construct("a pod field as environment (kfp-kubernetes fieldPathAsEnv: the run id from the pod label)", "2.1.0",
+              "backend/src/v2/driver/driver.go GetFieldPathAsEnv from 2.1.0; the `pipeline/runid` pod label from "
+              "2.0.0: apiserver/template/v2_template.go (runs), crd/controller/scheduledworkflow/util/"
+              "scheduled_workflow.go NewWorkflow (recurring runs)",
+              lambda ir, k8s: any("fieldPathAsEnv" in e for e in k8s.values())),
     Construct("a loop's parallelism limit (iteratorPolicy.parallelismLimit)", "2.4.0",
               "PR #10798 (fixes #8718): argocompiler/dag.go sets the loop's Parallelism; 2.3 ignored it",
               lambda ir, k8s: any("iteratorPolicy" in t for _, t, _ in _tasks(ir))),
@@ -87,8 +107,9 @@ CONSTRUCTS = (
               lambda ir, k8s: any(inside and "taskOutputArtifact" in json.dumps(t.get("inputs", {}))
                                   for _, t, inside in _tasks(ir))),
     Construct("retry policy (retryPolicy) on a top-level task", "2.4.1",
-              "PR #11673, cherry-picked to 2.4.1 (#11716); inside loops honoured from 2.14.0 "
-              "(PRs #11861, #11908) and silently ignored before",
+              "PR #11673, cherry-picked to 2.4.1 (#11716); only root-DAG tasks get it before 2.14.0 "
+              "(argocompiler/container.go getTaskRetryPolicySpec at 2.5.0), so retries inside loops and "
+              "conditions are silently ignored; loops honoured from 2.14.0 (PRs #11861, #11908)",
               lambda ir, k8s: any("retryPolicy" in t for _, t, _ in _tasks(ir))),
     Construct("the run id placeholder ({{$.pipeline_job_uuid}})", "2.5.0",
               "PR #11599 (issue #10453); 2.4.1 passes the literal string",

@@ -93,7 +93,7 @@ def _preprocess_options(parser) -> None:
     group = parser.add_argument_group("preprocessing (stages 1-4)")
     group.add_argument("--folds", type=at_least(2), default=DATASET_OPTIONS.n_folds,
                        help="number of folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, "
-                            "SFEW train/val (default: %(default)s)")
+                            "SFEW train/val, split and fer2013 their own train/validation/test (default: %(default)s)")
     group.add_argument("--clahe-clip", type=positive_number, default=CLAHE.clip_limit,
                        help="CLAHE clip limit (%(default)s)")
     group.add_argument("--clahe-tiles", type=at_least(1), default=CLAHE.tile_grid,

@@ -55,6 +55,7 @@ from components.prediction_stage import prediction_stage
 from components.tracking_start import tracking_start
 from components.training_stage import training_stage
 from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
+from ferpipe.crossval.tracking import RUN_ID_VARIABLE
 from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.preprocess.detection import DetectionSettings
@@ -64,14 +65,19 @@ from ferpipe.preprocess.landmarks import LandmarkSettings
 PIPELINE_NAME = "ferpipe"
 MIN_BACKEND = "2.5.0"  # the oldest KFP backend this DAG runs on; README and `ferpipe submit` say the same
 
-# The KFP run's id (keys the shared fold results and the MLflow runs) and its name (recorded in MLflow).
+# The KFP run's id (keys the shared fold results and the MLflow runs) and its name (recorded in MLflow; empty
+# for a recurring run's runs, which the backend creates without a display name).
 RUN_ID, RUN_NAME = dsl.PIPELINE_JOB_ID_PLACEHOLDER, dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+# Where a pod carries its run's id (apiserver/template/v2_template.go and the scheduled-workflow controller).
+RUN_ID_POD_LABEL = "metadata.labels['pipeline/runid']"
 
 CLAHE, DETECTION, LANDMARKS = ClaheSettings(), DetectionSettings(), LandmarkSettings()
 
 # Training survives a lost GPU node: retried with backoff, it resumes from the checkpoint it mirrors to
-# <work_uri>/<run id>/checkpoints/ after every epoch (components/training_stage.py).
-# KFP 2.5 retries only top-level tasks and ignores this inside a loop; 2.14 and later honour it everywhere.
+# <cache_uri>/checkpoints/<member key>/ after every epoch (components/training_stage.py).
+# KFP 2.5-2.13 apply retry policies to root-DAG tasks only (argocompiler/container.go at 2.5.0): the tasks in
+# the fold loop and in the final-model condition, every training among them, get none there; 2.14 and later
+# honour it in loops (pipelines/backend.py).
 TRAINING_RETRIES = dict(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s")
 # Stages that only read inputs and rewrite their own output are safe to run again.
 STAGE_RETRIES = dict(num_retries=2, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="300s")
@@ -83,8 +89,16 @@ def with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
                                         secret_key_to_env={key: TASK_ENVIRONMENT[key] for key in STORAGE_SECRET_KEYS})
 
 
+def with_run_id_from_pod(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The KFP run id as an environment variable, read from the `pipeline/runid` label the backend puts on
+    every pod of a run (scheduled runs too): live MLflow for a task that must not take the id as an input,
+    since KFP's cache key holds every input value and would never reuse it."""
+    return kubernetes.use_field_path_as_env(task, env_name=RUN_ID_VARIABLE, field_path=RUN_ID_POD_LABEL)
+
+
 def on_gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:
     with_storage_secret(task)  # the member cache lives in the object store
+    with_run_id_from_pod(task)
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
     task.set_cpu_request("4").set_memory_request("16G").set_memory_limit("32G")
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
@@ -149,11 +163,11 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
 
         Args:
             data_uri: Where the raw images are: s3://bucket/prefix (credentials come from the ferpipe-storage Secret).
-            dataset: The layout and protocol of the data: ckplus, jaffe, sfew or folder.
+            dataset: The layout and protocol of the data: ckplus, jaffe, sfew, folder, split (<split>/<class>/<file>: train, val, test) or fer2013 (fer2013.csv).
             network: el (one network per facial part, the paper's), ftl (five networks pre-trained on all 68 points) or baseline (five randomly initialised).
             profile: smoke (seconds, tests), demo (minutes on a CPU) or paper (the paper's epochs; needs GPUs).
             seed: Seed for validation splits, augmentation and weights; the same seed repeats a run.
-            n_folds: Folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, SFEW train/val.
+            n_folds: Folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, SFEW train/val, split and fer2013 the dataset's own train/validation/test.
             max_folds: Train only the first N folds (0 = all), for quick checks.
             mlflow_uri: MLflow tracking server (it proxies artifacts: tasks need no S3 keys for it); empty to skip MLflow.
             experiment: MLflow experiment name.
@@ -162,8 +176,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             detection_confidence: SSD confidence a face must reach.
             on_no_face: skip (record no_face) or dlib_hog (try dlib's HOG detector).
             landmark_source: dlib, or dataset (CK+'s own landmark files).
-            cache_uri: Per-image preprocessing results and trained members, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
-            work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: training checkpoints after every epoch (a retried training task resumes from them) and each fold's result for the aggregation.
+            cache_uri: Per-image preprocessing results, trained members and their checkpoints, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
+            work_uri: Where a run's tasks share files: each fold's result for the aggregation, under <work_uri>/<KFP run id>/ (and training checkpoints when cache_uri is empty).
             subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
             final_model: After cross-validation, train the five members again on all usable subjects, export the single-graph ensemble as an MLflow pyfunc and register it as ferpipe-<dataset>-<network> (alias champion when its cross-validated accuracy is no worse).
         """
@@ -194,7 +208,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                 trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
                                                      slot=part, profile=profile, dataset=dataset, seed=seed,
                                                      cache_uri=cache_uri, work_uri=work_uri, mlflow_uri=mlflow_uri,
-                                                     experiment=experiment, kfp_run_id=RUN_ID))
+                                                     experiment=experiment))
                 trained.set_display_name(f"train {part}")
                 if len(trainings) >= trainings_per_fold:  # a GPU budget: wait for the chain's previous task
                     trained.after(trainings[-trainings_per_fold])
@@ -222,8 +236,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             for part in ENSEMBLE_PARTS:
                 trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
                                                      slot=part, profile=profile, dataset=dataset, seed=seed,
-                                                     cache_uri=cache_uri, work_uri=work_uri,
-                                                     kfp_run_id=RUN_ID))
+                                                     cache_uri=cache_uri, work_uri=work_uri))
                 trained.set_display_name(f"final {part}")
                 if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
                     trained.after(final_trainings[-trainings_per_fold])

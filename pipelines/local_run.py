@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ferpipe.console import progress_bar
+from ferpipe.crossval.tracking import PARENT_RUN_VARIABLE
 from ferpipe.data.datasets import DATASETS, open_source
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
@@ -36,27 +37,33 @@ LOCAL_FOLD_PARALLELISM = 2
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 
 
-class TaskThreads:
-    """Each task's thread pools: the cores shared out among the tasks the local runner runs at once.
+class TaskEnvironment:
+    """What the tasks find in their environment; the local runner starts each as a subprocess of this one.
 
-    In the fold loop `parallel` tasks run at a time. After it (aggregation, the final model's five
-    trainings) the runner starts one task at a time, and `one_at_a_time` gives each every core: the
-    final trainings at one thread would leave a core idle for minutes. Tasks read the variables when
-    they start; one a person set is kept throughout.
+    Thread pools: the cores shared out among the tasks the local runner runs at once. In the fold loop
+    `parallel` tasks run at a time. After it (aggregation, the final model's five trainings) the runner
+    starts one task at a time, and `one_at_a_time` gives each every core: the final trainings at one
+    thread would leave a core idle for minutes. And the pipeline run: once the start step has made the
+    MLflow parent run, `pipeline_run` names it to the training tasks, which take no run id as an input
+    (ferpipe.crossval.tracking). Tasks read the variables when they start; one a person set is kept.
     """
 
     def __init__(self, parallel: int = LOCAL_FOLD_PARALLELISM):
         self.cores = os.cpu_count() or 1
         self.per_task = max(1, self.cores // parallel)
 
-    def __enter__(self) -> "TaskThreads":
-        self.saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-        self.ours = [name for name, value in self.saved.items() if value is None]
+    def __enter__(self) -> "TaskEnvironment":
+        self.saved = {name: os.environ.get(name) for name in (*THREAD_VARIABLES, PARENT_RUN_VARIABLE)}
+        self.ours = [name for name in THREAD_VARIABLES if self.saved[name] is None]
         self._set(self.per_task)
         return self
 
     def one_at_a_time(self) -> None:
         self._set(self.cores)
+
+    def pipeline_run(self, mlflow_run_id: str | None) -> None:
+        if mlflow_run_id:
+            os.environ[PARENT_RUN_VARIABLE] = mlflow_run_id
 
     def _set(self, threads: int) -> None:
         for name in self.ours:
@@ -169,8 +176,9 @@ class LiveView:
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, root: Path, log: Path, counts: TaskCounts, final_model: bool = True,
-                 after_folds: Callable[[], None] | None = None):
+                 after_folds: Callable[[], None] | None = None, after_start: Callable[[str], None] | None = None):
         self.root, self.log, self.counts, self.after_folds = root, log, counts, after_folds
+        self.after_start = after_start  # hears the MLflow parent run the start step made
         self.final_tasks = counts.final if final_model else 0
         self.running: list[str] = []
         self.done = self.folds_done = 0
@@ -233,6 +241,8 @@ class LiveView:
             if task == "fold-plan":
                 self.total_folds = self._planned_folds()
                 self.bar.total = self._total()
+            if task == "tracking-start" and self.after_start is not None:
+                self.after_start(self._output_of(task))
             if task == "prediction-stage":
                 self.folds_done += 1
             self._show(task, status)
@@ -250,11 +260,16 @@ class LiveView:
         if self.after_folds is not None:
             self.after_folds()
 
-    def _planned_folds(self) -> int | None:
-        plans = sorted(self.root.glob("*/fold-plan/executor_output.json"), key=lambda p: p.stat().st_mtime)
-        if not plans:
+    def _output_of(self, task: str):
+        """A finished task's returned value (the newest run's), None if there is none."""
+        outputs = sorted(self.root.glob(f"*/{task}/executor_output.json"), key=lambda p: p.stat().st_mtime)
+        if not outputs:
             return None
-        return len(json.loads(plans[-1].read_text())["parameterValues"]["Output"])
+        return json.loads(outputs[-1].read_text()).get("parameterValues", {}).get("Output")
+
+    def _planned_folds(self) -> int | None:
+        folds = self._output_of("fold-plan")
+        return None if folds is None else len(folds)
 
     def _show(self, task: str, status: str) -> None:
         now = ", ".join(self.counts.names.get(t, t) for t in self.running) or "-"
@@ -310,9 +325,10 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
     original_print = builtins.print
     try:
-        with TaskThreads() as threads, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
-                                                bool(arguments.get("final_model", True)),
-                                                after_folds=threads.one_at_a_time) as view:
+        with TaskEnvironment() as environment, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
+                                                        bool(arguments.get("final_model", True)),
+                                                        after_folds=environment.one_at_a_time,
+                                                        after_start=environment.pipeline_run) as view:
             task = ferpipe_pipeline(**arguments)
     finally:
         os.chdir(cwd)

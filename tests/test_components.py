@@ -6,6 +6,7 @@ KFP UI (artifact metadata, metrics, reports).
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,15 +117,21 @@ def tracking_uri(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(chain, tracking_uri, tmp_path_factory):
+    from ferpipe.crossval.tracking import RUN_ID_VARIABLE
+
     root = tmp_path_factory.mktemp("models")
     models = []
-    for slot in ENSEMBLE_PARTS:
-        model = artifact(Model, root, slot)
-        training_stage.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke", dataset="jaffe",
-                                   seed=0, cache_uri=str(root / "cache"), work_uri=str(root / "work"),
-                                   kfp_run_id="run-123", model=model, mlflow_uri=tracking_uri,
-                                   experiment="components")
-        models.append(model)
+    os.environ[RUN_ID_VARIABLE] = "run-123"  # the pod label's value on a cluster: the run is no input
+    try:
+        for slot in ENSEMBLE_PARTS:
+            model = artifact(Model, root, slot)
+            training_stage.python_func(fold_data=chain["fold"], network="el", slot=slot, profile="smoke",
+                                       dataset="jaffe", seed=0, cache_uri=str(root / "cache"),
+                                       work_uri=str(root / "work"), model=model, mlflow_uri=tracking_uri,
+                                       experiment="components")
+            models.append(model)
+    finally:
+        del os.environ[RUN_ID_VARIABLE]
     return models
 
 
@@ -144,15 +151,19 @@ def test_training_component_logs_every_epoch_to_its_member_run(trained, tracking
                                                                                   "model/member.json"}
 
 
-def test_training_component_writes_a_model_and_its_history(trained):
+def test_training_component_writes_a_model_and_its_history(chain, trained):
     model = trained[0]
     summary = json.loads(Path(model.path, "member.json").read_text())
     assert Path(model.path, "model.weights.h5").stat().st_size > 100_000
     assert summary["slot"] == "eyebrows" and summary["part"] == "eyebrows"
     assert [row["phase"] for row in summary["history"]][:1] == ["landmarks"]
     assert model.metadata["cached"] is False and model.metadata["fold"] == 1
-    mirror = Path(model.path).parent / "work" / "run-123" / "checkpoints" / "fold1" / "eyebrows"
-    state = json.loads((mirror / "state.json").read_text())  # the checkpoint a retry would resume from
+    # The checkpoint a retry would resume from, keyed by what the member trains on, not by the run.
+    from ferpipe.crossval.member_cache import member_key
+
+    key = member_key(chain["fold"].path, "el", "eyebrows", "smoke", 0, "jaffe")
+    mirror = Path(model.path).parent / "cache" / "checkpoints" / key
+    state = json.loads((mirror / "state.json").read_text())
     assert state["complete"] and (mirror / "model.weights.h5").is_file()
 
 
@@ -160,7 +171,7 @@ def test_training_component_restores_from_the_cache(chain, trained, tmp_path):
     again = artifact(Model, tmp_path, "again")
     training_stage.python_func(fold_data=chain["fold"], network="el", slot="eyebrows", profile="smoke",
                                dataset="jaffe", seed=0, cache_uri=str(Path(trained[0].path).parent / "cache"),
-                               work_uri="", kfp_run_id="run-2", model=again)
+                               work_uri="", model=again)
     assert again.metadata["cached"] is True
     assert Path(again.path, "model.weights.h5").read_bytes() == Path(trained[0].path, "model.weights.h5").read_bytes()
 
@@ -264,7 +275,7 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
         fold = augmentation_stage(annotated=annotated.outputs["annotated"], fold=0, profile="smoke", dataset="jaffe",
                                   seed=0)
         return training_stage(fold_data=fold.outputs["fold_data"], network="baseline", slot="jaw", profile="smoke",
-                              dataset="jaffe", seed=0, cache_uri="", work_uri="", kfp_run_id="").outputs["model"]
+                              dataset="jaffe", seed=0, cache_uri="", work_uri="").outputs["model"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                raise_on_error=True)

@@ -57,21 +57,37 @@ def test_an_unreachable_mlflow_server_is_one_line_before_anything_runs(tmp_path,
 
 
 def test_tasks_share_the_cores_then_take_them_all_and_the_environment_is_restored(monkeypatch):
-    from pipelines.local_run import THREAD_VARIABLES, TaskThreads
+    from ferpipe.crossval.tracking import PARENT_RUN_VARIABLE
+    from pipelines.local_run import THREAD_VARIABLES, TaskEnvironment
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    monkeypatch.delenv(PARENT_RUN_VARIABLE, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a person's own setting wins
     before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    with TaskThreads(parallel=2) as threads:
-        assert threads.per_task == 4
+    with TaskEnvironment(parallel=2) as environment:
+        assert environment.per_task == 4
         assert os.environ["TF_NUM_INTRAOP_THREADS"] == "4" and os.environ["OMP_NUM_THREADS"] == "3"
-        threads.one_at_a_time()
+        environment.one_at_a_time()
         assert os.environ["TF_NUM_INTRAOP_THREADS"] == "8" and os.environ["OMP_NUM_THREADS"] == "3"
+        environment.pipeline_run("parent-run-1")  # what training tasks started from now on find
+        assert os.environ[PARENT_RUN_VARIABLE] == "parent-run-1"
     assert {name: os.environ.get(name) for name in THREAD_VARIABLES} == before
+    assert PARENT_RUN_VARIABLE not in os.environ
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    with TaskThreads(parallel=2) as threads:
-        assert threads.per_task == 1 and os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+    with TaskEnvironment(parallel=2) as environment:
+        assert environment.per_task == 1 and os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+
+
+def test_the_view_names_the_start_steps_parent_run(tmp_path, capfd):
+    heard = []
+    output = tmp_path / "ferpipe-2026" / "tracking-start" / "executor_output.json"
+    output.parent.mkdir(parents=True)
+    output.write_text(json.dumps({"parameterValues": {"Output": "abc123"}}))
+    with LiveView(tmp_path, tmp_path / "run.log", TaskCounts(outside=8, per_fold=7, final=7),
+                  after_start=heard.append):
+        os.write(1, b"Task 'tracking-start' finished with status SUCCESS\n")
+    assert heard == ["abc123"]
 
 
 def test_the_view_hands_over_the_cores_when_the_aggregation_starts(tmp_path, capfd):

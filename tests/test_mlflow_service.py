@@ -20,7 +20,15 @@ from mlflow.entities import Metric
 from services import mlflow_server, postgres, seaweedfs
 
 from ferpipe.crossval.report import publish
-from ferpipe.crossval.tracking import MemberLog, Tracking, epoch_metrics, log_fold_result, start_pipeline_run
+from ferpipe.crossval.tracking import (
+    PARENT_RUN_VARIABLE,
+    RUN_ID_VARIABLE,
+    MemberLog,
+    Tracking,
+    epoch_metrics,
+    log_fold_result,
+    start_pipeline_run,
+)
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.evaluate.scoring import evaluate_predictions
 
@@ -140,17 +148,19 @@ def test_live_tree_grows_as_tasks_run_and_reruns_duplicate_nothing(tracking, tmp
     parent = start_pipeline_run(uri, experiment, run_id, "folder-el-smoke", tags, {"seed": 0})
     assert start_pipeline_run(uri, experiment, run_id, "folder-el-smoke", tags, {"seed": 0}) == parent  # retried
 
-    # Training tasks: each epoch is in MLflow as soon as it ends, before the task finishes.
+    # Training tasks: each epoch is in MLflow as soon as it ends, before the task finishes. A task learns its
+    # pipeline run from its environment: the KFP run id on the cluster, the parent run under `ferpipe run`.
     for fold in (0, 1):
         for slot in ENSEMBLE_PARTS:
-            live = MemberLog(uri, experiment, run_id, fold, "el", slot)
+            found_by = {RUN_ID_VARIABLE: run_id} if slot != "jaw" else {PARENT_RUN_VARIABLE: parent}
+            live = MemberLog(uri, experiment, fold, "el", slot, environment=found_by)
             assert live.run_id
             live.on_epoch(1, HISTORY[0])
             live.on_epoch(2, HISTORY[1])
             seen = client.get_metric_history(live.run_id, "head/val_loss")
             assert [(m.step, m.value) for m in seen] == [(2, 0.8)]
             # Killed here; the retried task finds the same run and its epochs, trains the rest, finishes.
-            again = MemberLog(uri, experiment, run_id, fold, "el", slot)
+            again = MemberLog(uri, experiment, fold, "el", slot, environment=found_by)
             assert again.run_id == live.run_id
             again.on_epoch(3, HISTORY[2])
             again.finish(member_summary(fold, slot, 0), trained_member_dir(tmp_path, fold, slot, rng))

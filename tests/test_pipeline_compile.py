@@ -201,3 +201,22 @@ def test_the_final_model_waits_for_the_aggregation_and_takes_five_named_members(
         assert trainings[final["inputs"]["artifacts"][part]["taskOutputArtifact"]["producerTask"]] == f"final {part}"
     assert final["inputs"]["artifacts"]["reports"]["componentInputArtifact"]  # the aggregation's, into the branch
     assert final["cachingOptions"] == {} or not final["cachingOptions"].get("enableCache")
+
+
+def test_training_takes_nothing_that_changes_from_run_to_run(spec):
+    """KFP's cache key is every input value: a training task given the run id would never be reused. It reads
+    the run from its pod's label instead (for live MLflow), which no cache key sees."""
+    from ferpipe.crossval.tracking import RUN_ID_VARIABLE
+    from pipelines.ferpipe_pipeline import RUN_ID, RUN_NAME, RUN_ID_POD_LABEL
+
+    ir, platform = spec
+    trainings = [t for c in ir["components"].values() for k, t in c.get("dag", {}).get("tasks", {}).items()
+                 if k.startswith("training-stage")]
+    assert len(trainings) == 2 * len(ENSEMBLE_PARTS)  # the fold loop's and the final model's
+    for task in trainings:
+        values = [v.get("runtimeValue", {}).get("constant") for v in task["inputs"]["parameters"].values()]
+        assert not {RUN_ID, RUN_NAME} & set(map(str, values)), values
+        assert task["cachingOptions"].get("enableCache") is True
+    assert "kfp_run_id" not in ir["components"]["comp-training-stage"]["inputDefinitions"]["parameters"]
+    assert platform["exec-training-stage"]["fieldPathAsEnv"] == [{"name": RUN_ID_VARIABLE,
+                                                                 "fieldPath": RUN_ID_POD_LABEL}]

@@ -47,3 +47,14 @@ def test_concurrent_task_processes_share_one_sqlite_file(tmp_path):
         assert sorted((m.step, m.value) for m in history) == [(s, i + s / 100) for s in range(1, EPOCHS + 1)]
     kinds = [r.data.tags["run_kind"] for r in client.search_runs([tracking.experiment_id])]
     assert sorted(kinds) == ["fold", "fold", "member", "member", "member", "pipeline"]
+
+
+def test_a_scheduled_run_without_a_kfp_name_gets_a_dated_mlflow_name():
+    """KFP 2.5 starts a recurring run's runs without a display name (pipelines/backend.py)."""
+    from ferpipe.crossval.report import pipeline_run_identity
+
+    named, tags, _ = pipeline_run_identity("ckplus", "el", "paper", "s3://b/ckplus", 0, "run-1", "nightly 3")
+    assert named == "ckplus-el-paper" and "scheduled" not in tags
+    nightly, tags, _ = pipeline_run_identity("ckplus", "el", "paper", "s3://b/ckplus", 0, "run-2", "", now=0.0)
+    assert nightly == "ckplus-el-paper scheduled 1970-01-01 00:00 UTC" and tags["scheduled"] is True
+    assert tags["kfp_run_id"] == "run-2" and tags["kfp_run_name"] == ""

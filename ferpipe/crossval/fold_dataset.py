@@ -13,7 +13,12 @@ writes none: stage 5 writes the plan and a picture of what training draws,
 
 The final model trains on a "fold" with nobody held out (`ALL_SUBJECTS`):
 the same stage, task and training code as a cross-validation fold, with an
-empty test side and the validation subjects drawn from everyone usable.
+empty test side and the validation subjects drawn from everyone usable. A
+dataset with its own split (the `split` protocol) is the exception: there the
+final model is the one the test split measured, trained on the training split
+with early stopping on the validation split, and its test split stays held
+out. Its fold dataset then has exactly fold 0's training and validation rows,
+so its members are fold 0's, from the member cache: each member trains once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ferpipe.data.folds import FoldSplit, split_fold
+from ferpipe.data.folds import FoldSplit, fold_ids, has_validation_split, split_fold
 from ferpipe.data.manifest import OK, read_manifest, write_manifest
 from ferpipe.data.storage import Store, open_store
 from ferpipe.model.augment import AugmentSettings, BatchStream, member_seed, stream_seed
@@ -46,10 +51,14 @@ def split_for(manifest: pd.DataFrame, fold: int, val_fraction: float, seed: int)
     """The fold's split; for ALL_SUBJECTS, nobody tested and the validation subjects drawn from everyone.
 
     ALL_SUBJECTS splits as the fold one past the highest, an id no row carries, so its validation draw
-    has a stream of its own (numpy seeds must be non-negative).
+    has a stream of its own (numpy seeds must be non-negative). On a dataset with its own validation
+    split it is the test fold's training and validation side, the test split held out (module notes).
     """
     if fold != ALL_SUBJECTS:
         return split_fold(manifest, fold, val_fraction, seed)
+    if has_validation_split(manifest) and fold_ids(manifest):
+        split = split_fold(manifest, fold_ids(manifest)[0], val_fraction, seed)
+        return replace(split, fold=ALL_SUBJECTS, test=split.test.iloc[:0])
     unused = int(manifest["fold"].max()) + 1 if len(manifest) else 0
     split = split_fold(manifest, unused, val_fraction, seed)
     assert split.test.empty, "a fold id no row carries must test nobody"

@@ -47,13 +47,22 @@ def is_synthetic(data_uri: str) -> bool:
 
 
 def pipeline_run_identity(dataset: str, network: str, profile: str, data_uri: str, seed: int, kfp_run_id: str,
-                          kfp_run_name: str) -> tuple[str, dict, dict]:
-    """(run name, tags, params) of the MLflow parent run: the start step creates it, the aggregation completes it."""
+                          kfp_run_name: str, now: float | None = None) -> tuple[str, dict, dict]:
+    """(run name, tags, params) of the MLflow parent run: the start step creates it, the aggregation completes it.
+
+    The name says what ran; a run without a KFP name, which is every run a recurring run starts (the
+    backend creates them without a display name: pipelines/backend.py), also says when it started, so
+    a schedule's nightly runs read apart in MLflow's list, and is tagged `scheduled`.
+    """
     synthetic = is_synthetic(data_uri)
     tags = {"kfp_run_id": kfp_run_id, "kfp_run_name": kfp_run_name, "dataset": dataset, "network": network,
             "profile": profile, "data_uri": data_uri, "synthetic_data": synthetic, "ferpipe_version": __version__}
     params = {"network": network, "profile": profile, "dataset": dataset, "seed": seed}
-    return f"{dataset}-{network}-{profile}" + ("-synthetic" if synthetic else ""), tags, params
+    name = f"{dataset}-{network}-{profile}" + ("-synthetic" if synthetic else "")
+    if not kfp_run_name:
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() if now is None else now))
+        name, tags["scheduled"] = f"{name} scheduled {started}", True
+    return name, tags, params
 
 
 def markdown_report(results: dict, dataset: str, data_uri: str, synthetic: bool, mlflow_run_id: str = "") -> str:

@@ -111,9 +111,9 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
                   on_epoch: EpochHook | None = None) -> dict:
     """One training task: member `slot` of `network` on a fold dataset; OUT gets the weights and member.json.
 
-    With `checkpoints` (the run's store), the member's checkpoint is mirrored to
-    checkpoints/fold<k>/<slot>/ after every epoch, so a retried task resumes there.
-    `on_epoch` hears every epoch as it ends (live MLflow).
+    With `checkpoints` (a store of this member's own, member_cache keys it), the member's checkpoint is
+    mirrored there after every epoch, so a retried task resumes there. `on_epoch` hears every epoch as it
+    ends (live MLflow).
     """
     info = read_fold_info(fold_dir)
     chosen = planned_profile(get_profile(profile, dataset), info)
@@ -123,9 +123,8 @@ def train_on_fold(fold_dir: str, network: str, slot: str, profile: str, out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    mirror = checkpoints.child(f"fold{info['fold']}/{slot}") if checkpoints is not None else None
-    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress, mirror,
-                           on_epoch)
+    trained = train_member(member, train, val if len(val) else None, chosen, out / "checkpoint", progress,
+                           checkpoints, on_epoch)
     trained.model.save_weights(out / MODEL_FILE)
     if (out / "checkpoint" / LANDMARK_FILE).is_file():  # phase 1's landmark network, for the landmark study
         shutil.copyfile(out / "checkpoint" / LANDMARK_FILE, out / LANDMARK_FILE)

@@ -4,7 +4,8 @@ Who writes what, and when:
 
     start step     the parent run, as the pipeline starts (tags: KFP run id and name, dataset, ...)
     training task  its member run under its fold run, the member's metrics after every epoch,
-                   then its parameters, full history and weights
+                   then its parameters, full history and weights (the run from its environment, not
+                   an input, so that KFP's cache can answer it: RUN_ID_VARIABLE below)
     prediction     the fold run's accuracies, predictions and Grad-CAM picture
     aggregation    the parent's tables and figures; and whatever a task above could not log
 
@@ -51,6 +52,12 @@ from typing import Iterator, Sequence
 log = logging.getLogger(__name__)
 
 HISTORY_KEYS_SKIPPED = {"phase", "epoch", "seconds"}
+# How a training task finds its pipeline run without taking it as an input: KFP's cache key holds every
+# input value (backend/src/v2/cacheutils/cache.go), so a task given the run id is never reused. On the
+# cluster FERPIPE_KFP_RUN_ID comes from the pod's `pipeline/runid` label, which the KFP backend puts on every
+# pod of a run, recurring runs included (pipelines/backend.py); `ferpipe run` sets FERPIPE_MLFLOW_PARENT_RUN
+# to the start step's parent run once that step has run (KFP's local runner makes its run id up inside).
+RUN_ID_VARIABLE, PARENT_RUN_VARIABLE = "FERPIPE_KFP_RUN_ID", "FERPIPE_MLFLOW_PARENT_RUN"
 # Tags that identify a run within a pipeline run (search filters use them).
 KFP_RUN_ID, KFP_RUN_NAME, RUN_KIND = "kfp_run_id", "kfp_run_name", "run_kind"
 PIPELINE, FOLD, MEMBER = "pipeline", "fold", "member"
@@ -291,15 +298,29 @@ def start_pipeline_run(uri: str, experiment: str, kfp_run_id: str, run_name: str
 
 
 class MemberLog:
-    """A training task's member run: metrics after every epoch, then the rest. Best-effort throughout."""
+    """A training task's member run: metrics after every epoch, then the rest. Best-effort throughout.
 
-    def __init__(self, uri: str, experiment: str, kfp_run_id: str, fold: int, network: str, slot: str):
+    The pipeline run comes from the task's environment (RUN_ID_VARIABLE, PARENT_RUN_VARIABLE); a task that
+    finds neither trains without live logging, and the prediction step logs the member's history.
+    """
+
+    def __init__(self, uri: str, experiment: str, fold: int, network: str, slot: str,
+                 environment: dict | None = None):
+        import os
+
+        environment = os.environ if environment is None else environment
         self.fold, self.network, self.slot = fold, network, slot
         self.tracking: Tracking | None = None
         self.run_id = ""
-        if not uri:
+        kfp_run_id, parent = environment.get(RUN_ID_VARIABLE, ""), environment.get(PARENT_RUN_VARIABLE, "")
+        if not uri or not (kfp_run_id or parent):
+            if uri:
+                log.info(f"MLflow: no pipeline run in this task's environment ({RUN_ID_VARIABLE}); fold {fold} "
+                         f"{slot}'s member run is logged by the prediction step")
             return
         with _best_effort(f"opening the member run of fold {fold} {slot}"):
+            if not kfp_run_id:
+                kfp_run_id = Tracking(uri, experiment).call("get_run", parent).data.tags.get(KFP_RUN_ID, "")
             self.tracking = Tracking(uri, experiment, kfp_run_id)
             self.run_id = self.tracking.member_run(fold, slot, network)
 

@@ -1,6 +1,7 @@
 """Which datasets ferpipe reads, and the offers each one's layout makes (stage 1's inventory).
 
-`DATASETS` names the layouts (ckplus, jaffe, sfew, folder: DESIGN.md section 4),
+`DATASETS` names the layouts (ckplus, jaffe, sfew, folder: DESIGN.md section 4;
+split and fer2013 for datasets that ship their own train/validation/test split),
 `DatasetOptions` how a folder names its subjects and how many folds a k-fold
 protocol takes, and `inventory` asks the right adapter what the data offers.
 """
@@ -14,14 +15,16 @@ from dataclasses import dataclass
 
 from ferpipe.data.adapters import Inventory, image_id, printable
 from ferpipe.data.adapters.ckplus import list_ckplus
+from ferpipe.data.adapters.fer2013 import list_fer2013
 from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, read_subject_csv
 from ferpipe.data.adapters.jaffe import list_jaffe
 from ferpipe.data.adapters.sfew import list_sfew
+from ferpipe.data.adapters.split import list_split
 from ferpipe.data.storage import LocalStore, Store, open_store
 from ferpipe.data.subject_meta import find_subject_meta
 from ferpipe.errors import UserError
 
-DATASETS = ("ckplus", "jaffe", "sfew", "folder")
+DATASETS = ("ckplus", "jaffe", "sfew", "folder", "split", "fer2013")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ def inventory(dataset: str, source: Store, options: DatasetOptions = DatasetOpti
         found = list_jaffe(source)
     elif dataset == "sfew":
         found = list_sfew(source)
+    elif dataset == "split":
+        found = list_split(source)
+    elif dataset == "fer2013":
+        found = list_fer2013(source)
     elif dataset == "folder":
         subjects = None
         if options.subjects_csv:

@@ -4,6 +4,14 @@ The manifest's `fold` column says in which fold a row sits on the *test*
 side; -1 means it is never tested (SFEW's Train split). A subject's rows always
 share one fold, so nobody is on both sides. The validation set that early
 stopping watches is drawn from the training subjects, never the test fold.
+
+Big datasets come with their own split (RAF-DB, AffectNet, FER-2013: the
+`split` protocol): the test split is fold 0, the training split always trains
+(-1) and the validation split is -3, `VALIDATION_ONLY`: never trained on, never
+tested, and the validation set of every fold, so early stopping watches the
+dataset's own validation images and nothing is drawn. k-fold cross-validation
+of 50 members is the right protocol for 200 images and the wrong one for
+400,000; there each member trains once.
 """
 
 from __future__ import annotations
@@ -17,6 +25,10 @@ from ferpipe.data.manifest import OK
 from ferpipe.errors import UserError
 
 TRAIN_ONLY = -1
+VALIDATION_ONLY = -3  # the dataset's own validation split (-2 is the final model's fold, crossval.fold_dataset)
+# How datasets name their splits, and the side each is on.
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "publictest": "val", "test": "test", "testing": "test", "privatetest": "test"}
 
 
 def assign_round_robin(subjects: pd.Series, n_folds: int) -> pd.Series:
@@ -36,7 +48,20 @@ def assign_train_val(splits: pd.Series) -> pd.Series:
     return pd.Series(np.where(splits.str.lower() == "val", 0, TRAIN_ONLY), index=splits.index, dtype="int32")
 
 
+def assign_dataset_split(splits: pd.Series) -> pd.Series:
+    """The dataset's own split: test -> fold 0, validation -> VALIDATION_ONLY, train (and anything else) -> TRAIN_ONLY.
+
+    A row whose split the adapter could not name is a reject already (its status says why), so where it
+    would sit does not matter; training is the side that never reports a figure.
+    """
+    sides = splits.fillna("").str.lower().map(SPLIT_NAMES)
+    folds = np.select([sides == "test", sides == "val"], [0, VALIDATION_ONLY], TRAIN_ONLY)
+    return pd.Series(folds, index=splits.index, dtype="int32")
+
+
 def assign_folds(manifest: pd.DataFrame, protocol: str, n_folds: int = 10) -> pd.Series:
+    if protocol == "split":
+        return assign_dataset_split(manifest["split"])
     if protocol == "kfold":
         return assign_round_robin(manifest["subject"], n_folds)
     if protocol == "loso":
@@ -56,14 +81,26 @@ class FoldSplit:
 
 def fold_ids(manifest: pd.DataFrame) -> list[int]:
     """The folds that have a test side, ascending."""
-    folds = manifest.loc[manifest["fold"] != TRAIN_ONLY, "fold"].dropna().astype(int)
-    return sorted(folds.unique().tolist())
+    folds = manifest["fold"].dropna().astype(int)
+    return sorted(folds[folds >= 0].unique().tolist())
+
+
+def has_validation_split(manifest: pd.DataFrame) -> bool:
+    """Whether the dataset names its own validation images (the `split` protocol)."""
+    return bool((manifest["fold"] == VALIDATION_ONLY).any())
 
 
 def split_fold(manifest: pd.DataFrame, fold: int, val_fraction: float = 0.15, seed: int = 0) -> FoldSplit:
-    """Train/validation/test rows (status ok only) for one fold, split by subject."""
+    """Train/validation/test rows (status ok only) for one fold, split by subject.
+
+    Where the dataset names its validation split, that is the validation side and nothing is drawn.
+    """
     usable = manifest[manifest["status"] == OK]
     test = usable[usable["fold"] == fold]
+    if has_validation_split(manifest):
+        val = usable[usable["fold"] == VALIDATION_ONLY]
+        train = usable[(usable["fold"] != fold) & (usable["fold"] != VALIDATION_ONLY)]
+        return FoldSplit(fold=fold, train=train, val=val, test=test)
     rest = usable[usable["fold"] != fold]
     subjects = np.array(sorted(rest["subject"].unique()))
     rng = np.random.default_rng([seed, fold])
@@ -109,4 +146,8 @@ def fold_summary(manifest: pd.DataFrame, folds: list[int] | None = None) -> str:
     always = usable[usable["fold"] == TRAIN_ONLY]
     if len(always):
         lines.append(f"\n{len(always)} images are always on the training side (fold {TRAIN_ONLY}).")
+    validation = usable[usable["fold"] == VALIDATION_ONLY]
+    if len(validation):
+        lines.append(f"\n{len(validation)} images are the dataset's own validation split (fold {VALIDATION_ONLY}): "
+                     "early stopping watches them in every fold.")
     return "\n".join(lines) + "\n"

@@ -79,7 +79,8 @@ def read_input(record: dict, tools: StageTools) -> dict:
     if record["status"] == OUTSIDE_DATA:
         return record  # never read, never hashed
     try:
-        data = record.pop("_data", None) or tools.source.read_bytes(record["_key"])
+        data = record.pop("_data", None)
+        data = tools.source.read_bytes(record["_key"]) if data is None else data
     except OSError as err:
         return reject(record, imaging.UNREADABLE, f"cannot read: {err.strerror or type(err).__name__}")
     record["sha256"] = hashlib.sha256(data).hexdigest()

@@ -50,7 +50,7 @@ def offer_record(offer: Offer, source: Store) -> dict:
     record.update(
         image_id=offer.image_id or image_id(offer.key), subject=printable(offer.subject), label=printable(offer.label),
         split=offer.split, source=f"{source.uri.rstrip('/')}/{name}", status=offer.status,
-        detail=printable(offer.detail), _key=offer.key, _landmarks_key=offer.landmarks_key,
+        detail=printable(offer.detail), _key=offer.key, _landmarks_key=offer.landmarks_key, _data=offer.data,
     )
     if name != offer.key:
         record["source_bytes"] = os.fsencode(offer.key)
@@ -91,6 +91,8 @@ def _input_bytes(record: dict, names: tuple[str, ...]) -> bytes | None:
         if names[0] == "input":
             if record["status"] == OUTSIDE_DATA:
                 return None
+            if record.get("_data") is not None:  # an image that is not a file of its own (FER-2013's CSV rows)
+                return record["_data"]
             return _worker["tools"].source.read_bytes(record["_key"])
         if record["status"] == OK and record.get("image_path") and _worker["input"] is not None:
             return _worker["input"].read_bytes(record["image_path"])

@@ -48,6 +48,9 @@ class Offer:
     split: str = ""
     landmarks_key: str | None = None  # the dataset's own landmark file, if it has one
     image_id: str = ""  # set by the inventory: unique among the offers
+    # The image's bytes when they are not a file of their own (FER-2013's pixels are a CSV cell): stage 1
+    # reads these instead of `key`, and `key` names where they came from.
+    data: bytes | None = None
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Inventory:
     """What an adapter found: the offers, their fold protocol, and counts worth telling."""
 
     offers: list[Offer]
-    protocol: str  # kfold, loso or train_val (see ferpipe.data.folds)
+    protocol: str  # kfold, loso, train_val or split (see ferpipe.data.folds)
     notes: dict[str, int] = field(default_factory=dict)
 
 
