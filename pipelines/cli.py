@@ -26,6 +26,7 @@ import sys
 from ferpipe import console
 from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN
 from ferpipe.data.datasets import DATASETS, DatasetOptions
+from ferpipe.data.shards import DEFAULT_SHARD_SIZE
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
 from ferpipe.preprocess.detection import FALLBACKS, DetectionSettings
@@ -104,6 +105,9 @@ def _preprocess_options(parser) -> None:
                        help="skip: record no_face; dlib_hog: try dlib's HOG detector (%(default)s)")
     group.add_argument("--landmarks", default=LANDMARKS.source, choices=LANDMARK_SOURCES,
                        help="dlib, or dataset: CK+'s own landmark files (%(default)s)")
+    group.add_argument("--shard-size", type=at_least(1), default=DEFAULT_SHARD_SIZE, metavar="N",
+                       help="images per shard, about: stages 1-4 run shard by shard, one pack of pixels each "
+                            "(%(default)s)")
     group.add_argument("--subjects-meta", default=None, metavar="FILE",
                        help="CSV of per-subject attributes (a 'subject' or first column, then e.g. age, gender) for "
                             "accuracy per group; default: a folder dataset's own subjects.csv, if it has one")
@@ -150,7 +154,7 @@ def pipeline_arguments(args) -> dict:
         "seed": args.seed, "n_folds": args.folds, "max_folds": args.max_folds,
         "clahe_clip_limit": args.clahe_clip, "clahe_tile_grid": args.clahe_tiles,
         "detection_confidence": args.confidence, "on_no_face": args.on_no_face, "landmark_source": args.landmarks,
-        "subject_meta_uri": args.subjects_meta or "",
+        "subject_meta_uri": args.subjects_meta or "", "shard_size": args.shard_size,
         "final_model": args.final_model,
     }
     if args.mlflow_uri is not None:
@@ -174,7 +178,7 @@ def _preprocess(args) -> None:
     options = DatasetOptions(args.subject_pattern, args.subjects_csv, args.folds, args.subjects_meta,
                              args.allow_outside_links)
     manifest, seconds = timed(preprocess, args.dataset, args.data, args.out, settings, options, args.workers,
-                              args.cache)
+                              args.cache, args.shard_size)
     log.info(summary(manifest, seconds))
     if (manifest["status"] == "ok").any():
         sheet = write_landmark_sheet(manifest, open_store(args.out))

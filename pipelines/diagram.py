@@ -2,13 +2,14 @@
 
 Read from pipelines/ferpipe.yaml (what the Kubeflow UI runs), not from the
 Python that builds it: tasks by the names the UI shows, edges from each task's
-dependencies, the fold loop as a box, GPU tasks marked. Written as a Mermaid
+dependencies, each loop as a box (for each shard, for each fold), GPU tasks marked. Written as a Mermaid
 flowchart between two markers in README.md; `make compile` redraws it and a
 test fails while it differs from what the YAML says.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,13 @@ def _label(task: dict, executors: dict, components: dict) -> str:
     executor = components.get(task["componentRef"]["name"], {}).get("executorLabel")
     resources = executors.get(executor, {}).get("container", {}).get("resources", {})
     return f"{name} (GPU)" if "accelerator" in resources else name
+
+
+def _item(loop: dict) -> str:
+    """What a loop iterates over, from the task that plans it: 'shard-plan' -> shard, 'fold-plan' -> fold."""
+    items = loop["parameterIterator"]["items"].get("inputParameter", "")
+    match = re.search(r"--([\w-]+?)-plan-Output$", items)
+    return match.group(1).replace("-", " ") if match else "item"
 
 
 def _ordered(tasks: dict) -> list[str]:
@@ -62,7 +70,7 @@ def mermaid(compiled: Path) -> str:
             task = tasks[key]
             if "parameterIterator" in task:
                 body = components[task["componentRef"]["name"]]["dag"]["tasks"]
-                lines.append(f'{indent}subgraph {_node(key)}["for each fold"]')
+                lines.append(f'{indent}subgraph {_node(key)}["for each {_item(task)}"]')
                 draw(body, indent + "  ")
                 lines.append(f"{indent}end")
             else:

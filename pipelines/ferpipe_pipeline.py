@@ -1,10 +1,18 @@
-"""The ferpipe DAG: stages 1-4 once, then per fold augmentation, five trainings, prediction; then aggregation.
+"""The ferpipe DAG: stages 1-4 per shard, then per fold augmentation, five trainings, prediction; then aggregation.
 
     start MLflow run (beside stages 1-4; the fold plan waits for it)
-    fingerprint -> input -> CLAHE -> detection -> landmarks -> fold plan
+    fingerprint -> shard plan
+      for each shard: input -> CLAHE -> detection -> landmarks (published under <work_uri>/shards/)
+    gather shards (after every shard) -> fold plan
       for each fold:  augmentation -> train eyebrows, eyes, nose, mouth, jaw (GPU) -> prediction
     aggregation (after every fold) -> MLflow, Table I, confusion matrix, report.md and report.html
     if final_model: augmentation (all subjects) -> train the five again -> final model -> MLflow Model Registry
+
+A pod's cost does not grow with the dataset: stages 1-4 are four tasks per
+shard of about `shard_size` images (ferpipe.data.shards), each writing one pack
+of pixels per shard rather than an object per image (ferpipe.data.packs); the
+gather and the fold datasets reference the packs where they lie; training,
+prediction and the final model stream them (ferpipe.model.stream).
 
 Built for the KFP backends teams run, from Kubeflow 1.10's KFP 2.5 on
 (`MIN_BACKEND`; tests/test_backend_compat.py checks the compiled IR against
@@ -19,7 +27,14 @@ the table of constructs and the release that first runs each):
   reads each fold's result from `<work_uri>/<KFP run id>/folds/`, where the
   prediction tasks leave them. Prediction is never answered from KFP's cache,
   so every run writes its own folds there; the members it reads still are.
-- The fold loop has no custom `name=`: on 2.14-2.15 a named loop breaks
+- The gather depends on the whole shard loop the same way, but reads the
+  shards from content-addressed places (ferpipe.preprocess.sharded), not from a
+  prefix of the run: so it, the fold datasets and the trainings after it keep
+  KFP's cache when no shard changed, and a shard task's only identity is its
+  loop item (shard and offers key), so unchanged shards keep it when others
+  change. No training task takes the run id (live MLflow reads it from the
+  pod's label), which would make KFP's cache miss every time.
+- Neither loop has a custom `name=`: on 2.14-2.15 a named loop breaks
   fan-in (issue #11964, fixed by #12808 in 2.16).
 - The final model (`final_model`, on by default) starts after the aggregation, so it never runs before
   cross-validation has measured the method. It reuses the stage 5 and training components with the
@@ -28,9 +43,9 @@ the table of constructs and the release that first runs each):
 - Lineage stays where it can: every stage's output is an artifact the next
   task takes as input, the five models included.
 
-Local-runner traps (DESIGN.md section 6) shape it too: the fold loop's body gets
-its fold through the loop item and the augmentation *artifact*, never an
-upstream parameter output (which the local runner would replace by the item).
+Local-runner traps (DESIGN.md section 6) shape it too: each loop's body gets
+its shard or fold through the loop item and artifacts, never an upstream
+parameter output (which the local runner would replace by the item).
 """
 
 from kfp import dsl, kubernetes
@@ -49,7 +64,8 @@ from components.images import (
     STORAGE_SECRET_KEYS,
     TASK_ENVIRONMENT,
 )
-from components.input_stage import input_fingerprint, input_stage
+from components.gather_stage import gather_shards
+from components.input_stage import input_fingerprint, input_stage, shard_plan
 from components.landmark_stage import landmark_stage
 from components.prediction_stage import prediction_stage
 from components.tracking_start import tracking_start
@@ -58,6 +74,7 @@ from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
 from ferpipe.crossval.tracking import RUN_ID_VARIABLE
 from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.data.shards import DEFAULT_SHARD_SIZE
 from ferpipe.preprocess.detection import DetectionSettings
 from ferpipe.preprocess.imaging import ClaheSettings
 from ferpipe.preprocess.landmarks import LandmarkSettings
@@ -127,14 +144,17 @@ def gpu_schedule(max_parallel_gpu: int) -> tuple[int, int]:
     return 1, max_parallel_gpu
 
 
-def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSEMBLE_PARTS)):
+def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSEMBLE_PARTS),
+                   shard_parallelism: int = 0):
     """The pipeline function; `fold_parallelism` folds train at once (0 = all, the cluster's default),
-    and within a fold `trainings_per_fold` of the five trainings (the others wait in chains).
+    and within a fold `trainings_per_fold` of the five trainings (the others wait in chains);
+    `shard_parallelism` shards are preprocessed at once (0 = all).
 
     A local run on a laptop takes two folds at a time, so one training task
-    imports TensorFlow while another trains. The limits are compiled into the
-    YAML (`iteratorPolicy`, task dependencies), hence a factory rather than
-    pipeline parameters; `ferpipe compile --max-parallel-gpu N` picks them.
+    imports TensorFlow while another trains, and one shard at a time, each stage
+    task on every core. The limits are compiled into the YAML (`iteratorPolicy`,
+    task dependencies), hence a factory rather than pipeline parameters;
+    `ferpipe compile --max-parallel-gpu N` picks them.
     """
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Part-based ensemble transfer learning for facial expression "
@@ -158,6 +178,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         work_uri: str = "s3://ferpipe/work",
         subject_meta_uri: str = "",
         final_model: bool = True,
+        shard_size: int = DEFAULT_SHARD_SIZE,
     ) -> str:
         """Train and evaluate a FER ensemble on one dataset, with the dataset's own protocol.
 
@@ -179,6 +200,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             cache_uri: Per-image preprocessing results, trained members and their checkpoints, keyed by content and settings, so a rerun redoes only what changed; empty to turn off.
             work_uri: Where a run's tasks share files: each fold's result for the aggregation, under <work_uri>/<KFP run id>/ (and training checkpoints when cache_uri is empty).
             subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
+            shard_size: Images per shard, about: stages 1-4 run as four tasks per shard, all shards at once, each writing one pack of pixels per shard; an image's shard follows from its id alone, so new images touch few shards.
             final_model: After cross-validation, train the five members again on all usable subjects, export the single-graph ensemble as an MLflow pyfunc and register it as ferpipe-<dataset>-<network> (alias champion when its cross-validated accuracy is no worse).
         """
         # The MLflow parent run exists before any task that nests a run in it (the fold plan waits for it);
@@ -190,14 +212,24 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         started.set_display_name("start MLflow run").set_caching_options(False)
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
-        frames = on_cpu_node(input_stage(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
-                                         n_folds=n_folds, cache_uri=cache_uri, subject_meta_uri=subject_meta_uri))
-        enhanced = on_cpu_node(clahe_stage(frames=frames.outputs["frames"], clip_limit=clahe_clip_limit,
-                                           tile_grid=clahe_tile_grid, cache_uri=cache_uri))
-        faces = on_cpu_node(detection_stage(enhanced=enhanced.outputs["enhanced"], confidence=detection_confidence,
-                                            on_no_face=on_no_face, cache_uri=cache_uri))
-        annotated = on_cpu_node(landmark_stage(faces=faces.outputs["faces"], source=landmark_source,
-                                               cache_uri=cache_uri))
+        shards = on_cpu_node(shard_plan(dataset=dataset, data_uri=data_uri, fingerprint=fingerprint.output,
+                                        n_folds=n_folds, shard_size=shard_size, work_uri=work_uri,
+                                        subject_meta_uri=subject_meta_uri))
+        shards.set_display_name("shard plan")
+        with dsl.ParallelFor(shards.outputs["Output"], parallelism=shard_parallelism) as shard:
+            frames = on_cpu_node(input_stage(shard=shard, data_uri=data_uri, work_uri=work_uri, cache_uri=cache_uri))
+            enhanced = on_cpu_node(clahe_stage(frames=frames.outputs["frames"], clip_limit=clahe_clip_limit,
+                                               tile_grid=clahe_tile_grid, cache_uri=cache_uri))
+            faces = on_cpu_node(detection_stage(enhanced=enhanced.outputs["enhanced"],
+                                                confidence=detection_confidence, on_no_face=on_no_face,
+                                                cache_uri=cache_uri))
+            stage4 = on_cpu_node(landmark_stage(faces=faces.outputs["faces"], source=landmark_source,
+                                                cache_uri=cache_uri, work_uri=work_uri))
+        annotated = on_cpu_node(gather_shards(
+            plan=shards.outputs["plan"], work_uri=work_uri, clahe_clip_limit=clahe_clip_limit,
+            clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
+            landmark_source=landmark_source)).after(stage4)
+        annotated.set_display_name("gather shards")
         plan = on_cpu_node(fold_plan(annotated=annotated.outputs["annotated"], max_folds=max_folds)).after(started)
 
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism) as fold:

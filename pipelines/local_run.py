@@ -30,7 +30,12 @@ from ferpipe.data.datasets import DATASETS, open_source
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
 
+# The tasks whose lists the two loops iterate over, and the tasks that follow each loop.
+SHARD_PLAN, FOLD_PLAN, AFTER_SHARDS, AFTER_FOLDS = "shard-plan", "fold-plan", "gather-shards", "aggregation"
+START_STEP = "tracking-start"  # makes the MLflow parent run
 LOCAL_FOLD_PARALLELISM = 2
+# One shard at a time: each stage task already runs a worker process per core.
+LOCAL_SHARD_PARALLELISM = 1
 # TensorFlow's and OpenMP's thread pools, per task. Each task would otherwise size its pools to every core,
 # and two training tasks on two cores spend their time contending (measured at 48 px: one 2-thread
 # trainer 270 images/s alone, two 1-thread trainers 171 each). A variable already set is kept.
@@ -44,19 +49,36 @@ class TaskEnvironment:
     `parallel` tasks run at a time. After it (aggregation, the final model's five trainings) the runner
     starts one task at a time, and `one_at_a_time` gives each every core: the final trainings at one
     thread would leave a core idle for minutes. And the pipeline run: once the start step has made the
-    MLflow parent run, `pipeline_run` names it to the training tasks, which take no run id as an input
-    (ferpipe.crossval.tracking). Tasks read the variables when they start; one a person set is kept.
+    MLflow parent run (its output appears under `root`, watched here rather than read from the log,
+    which a caller may capture elsewhere), `pipeline_run` names it to the training tasks, which take no
+    run id as an input (ferpipe.crossval.tracking). Tasks read the variables when they start; one a
+    person set is kept.
     """
 
-    def __init__(self, parallel: int = LOCAL_FOLD_PARALLELISM):
+    def __init__(self, parallel: int = LOCAL_FOLD_PARALLELISM, root: Path | None = None):
         self.cores = os.cpu_count() or 1
         self.per_task = max(1, self.cores // parallel)
+        self.root = root
+        self._stop = threading.Event()
 
     def __enter__(self) -> "TaskEnvironment":
         self.saved = {name: os.environ.get(name) for name in (*THREAD_VARIABLES, PARENT_RUN_VARIABLE)}
         self.ours = [name for name in THREAD_VARIABLES if self.saved[name] is None]
         self._set(self.per_task)
+        if self.root is not None:
+            self._watcher = threading.Thread(target=self._watch_start, args=(time.time(),), daemon=True)
+            self._watcher.start()
         return self
+
+    def _watch_start(self, since: float) -> None:
+        while not self._stop.wait(0.5):
+            for output in self.root.glob(f"*/{START_STEP}/executor_output.json"):
+                try:
+                    if output.stat().st_mtime >= since - 1:
+                        self.pipeline_run(json.loads(output.read_text()).get("parameterValues", {}).get("Output"))
+                        return
+                except (OSError, ValueError):  # being written: look again
+                    continue
 
     def one_at_a_time(self) -> None:
         self._set(self.cores)
@@ -70,6 +92,7 @@ class TaskEnvironment:
             os.environ[name] = str(threads)
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         for name, value in self.saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -79,17 +102,20 @@ class TaskEnvironment:
 
 @dataclass(frozen=True)
 class TaskCounts:
-    """How many tasks the DAG runs: outside the fold loop, in each fold, and in the final-model branch;
-    and the names the Kubeflow UI shows for them (the local runner logs some by key: 'training-stage-3')."""
+    """How many tasks the DAG runs: outside the loops, in each shard, in each fold, and in the final-model
+    branch; and the names the Kubeflow UI shows for them (the local runner logs some by key:
+    'training-stage-3')."""
 
     outside: int
     per_fold: int
     final: int
     names: dict = field(default_factory=dict)
+    per_shard: int = 0
 
     @classmethod
     def of(cls, pipeline) -> "TaskCounts":
-        """Read from the compiled pipeline itself, so a new task can never make the count wrong."""
+        """Read from the compiled pipeline itself, so a new task can never make the count wrong. A loop is
+        the shard loop or the fold loop by the task whose list it iterates over."""
         from google.protobuf.json_format import MessageToDict
 
         spec = MessageToDict(pipeline.pipeline_spec)
@@ -101,16 +127,18 @@ class TaskCounts:
 
         names = {key: task["taskInfo"]["name"] for component in [spec["root"], *components.values()]
                  for key, task in component.get("dag", {}).get("tasks", {}).items()}
-        outside = per_fold = final = 0
+        counts = {"outside": 0, "per_shard": 0, "per_fold": 0, "final": 0}
         for task in spec["root"]["dag"]["tasks"].values():
             component = components[task["componentRef"]["name"]]
             if "parameterIterator" in task:
-                per_fold += leaves(component["dag"]["tasks"])
+                producers = {v["taskOutputParameter"]["producerTask"] for v in task["inputs"]["parameters"].values()
+                             if "taskOutputParameter" in v}
+                counts["per_shard" if SHARD_PLAN in producers else "per_fold"] += leaves(component["dag"]["tasks"])
             elif "dag" in component:  # the final-model branch (dsl.If)
-                final += leaves(component["dag"]["tasks"])
+                counts["final"] += leaves(component["dag"]["tasks"])
             else:
-                outside += 1
-        return cls(outside, per_fold, final, names)
+                counts["outside"] += 1
+        return cls(names=names, **counts)
 
 
 @dataclass
@@ -167,8 +195,8 @@ class LiveView:
 
     The local runner announces each task ("Executing task 'x'", "Task 'x'
     finished with status S"), some by key ('training-stage-3'), which the view
-    shows by the UI's name (`TaskCounts.names`); that, and the fold plan's
-    output once it exists, is all the view needs. Where no terminal watches, a line per finished task.
+    shows by the UI's name (`TaskCounts.names`); that, and the shard and fold
+    plans' outputs once they exist, is all the view needs. Where no terminal watches, a line per finished task.
     """
 
     STARTED = re.compile(r"Executing task '([^']+)'")
@@ -176,14 +204,14 @@ class LiveView:
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, root: Path, log: Path, counts: TaskCounts, final_model: bool = True,
-                 after_folds: Callable[[], None] | None = None, after_start: Callable[[str], None] | None = None):
+                 after_folds: Callable[[], None] | None = None):
         self.root, self.log, self.counts, self.after_folds = root, log, counts, after_folds
-        self.after_start = after_start  # hears the MLflow parent run the start step made
         self.final_tasks = counts.final if final_model else 0
         self.running: list[str] = []
-        self.done = self.folds_done = 0
-        self.failed: list[str] = []
+        self.done = self.folds_done = self.shards_done = 0
+        self.failed: list[str] = []  # tasks that failed once; the runner retries those with a retry policy
         self.total_folds: int | None = None
+        self.total_shards: int | None = None
 
     def __enter__(self) -> "LiveView":
         sys.stdout.flush()
@@ -214,7 +242,8 @@ class LiveView:
 
     def _total(self) -> int:
         folds = self.total_folds if self.total_folds is not None else 1
-        return self.counts.outside + self.counts.per_fold * folds + self.final_tasks
+        shards = self.total_shards if self.total_shards is not None else 1
+        return self.counts.outside + self.counts.per_shard * shards + self.counts.per_fold * folds + self.final_tasks
 
     def _follow(self, fd: int) -> None:
         with open(fd, "rb", buffering=0) as pipe, open(self.log, "ab") as log:
@@ -229,35 +258,43 @@ class LiveView:
     def _line(self, line: str) -> None:
         if match := self.STARTED.search(line):
             self.running.append(match.group(1))
-            if match.group(1) == "aggregation":  # it starts once every fold is over
-                self._folds_over()
+            if match.group(1) == AFTER_SHARDS:  # it starts once every shard is over
+                self._loop_over(AFTER_SHARDS)
+            if match.group(1) == AFTER_FOLDS:  # it starts once every fold is over
+                self._loop_over(AFTER_FOLDS)
         elif match := self.FINISHED.search(line):
             task, status = match.groups()
             if task in self.running:
                 self.running.remove(task)
-            self.done += 1
-            if status != "SUCCESS":
+            if status != "SUCCESS":  # not done: the runner may try it again (a task's retry policy)
                 self.failed.append(task)
-            if task == "fold-plan":
-                self.total_folds = self._planned_folds()
+            else:
+                self.done += 1
+            if task in (SHARD_PLAN, FOLD_PLAN):
+                planned = self._output_of(task)
+                if planned is not None:
+                    setattr(self, "total_shards" if task == SHARD_PLAN else "total_folds", len(planned))
                 self.bar.total = self._total()
-            if task == "tracking-start" and self.after_start is not None:
-                self.after_start(self._output_of(task))
             if task == "prediction-stage":
                 self.folds_done += 1
+            if task == "landmark-stage":
+                self.shards_done += 1
             self._show(task, status)
 
-    def _folds_over(self) -> None:
-        """The fold loop has ended. KFP's runner sometimes never prints the finish line of a loop task when
-        two iterations end together (seen: the last prediction), so what still shows as running is done."""
-        lost = [task for task in self.running if task != "aggregation"]
-        self.running = ["aggregation"]
-        if self.total_folds is not None:
+    def _loop_over(self, next_task: str) -> None:
+        """A loop has ended (`next_task` follows it). KFP's runner sometimes never prints the finish line of a
+        loop task when two iterations end together (seen: the last prediction), so what still shows as
+        running is done. The MLflow start step runs beside the shard loop and may still run."""
+        lost = [task for task in self.running if task not in (next_task, START_STEP)]
+        self.running = [task for task in self.running if task not in lost]
+        if next_task == AFTER_SHARDS and self.total_shards is not None:
+            self.shards_done = self.total_shards
+        if next_task == AFTER_FOLDS and self.total_folds is not None:
             self.folds_done = self.total_folds
-        for task in lost:  # a failed loop task would have stopped the run before the aggregation
+        for task in lost:  # a failed loop task would have stopped the run before the task after the loop
             self.done += 1
             self._show(task, "SUCCESS")
-        if self.after_folds is not None:
+        if next_task == AFTER_FOLDS and self.after_folds is not None:
             self.after_folds()
 
     def _output_of(self, task: str):
@@ -267,15 +304,13 @@ class LiveView:
             return None
         return json.loads(outputs[-1].read_text()).get("parameterValues", {}).get("Output")
 
-    def _planned_folds(self) -> int | None:
-        folds = self._output_of("fold-plan")
-        return None if folds is None else len(folds)
-
     def _show(self, task: str, status: str) -> None:
         now = ", ".join(self.counts.names.get(t, t) for t in self.running) or "-"
         folds = f"folds {self.folds_done}/{self.total_folds if self.total_folds is not None else '?'}"
+        if self.total_shards is not None and self.shards_done < self.total_shards:
+            folds = f"shards {self.shards_done}/{self.total_shards}, {folds}"
         self.bar.set_postfix_str(f"{folds} | now: {now}", refresh=False)
-        self.bar.update(1)
+        self.bar.update(1 if status == "SUCCESS" else 0)
         if self.bar.disable:  # no terminal: one plain line per finished task
             minutes = (time.perf_counter() - self.started) / 60
             name = self.counts.names.get(task, task)
@@ -315,8 +350,11 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     arguments.setdefault("mlflow_uri", default_mlflow_uri(out))
     arguments.setdefault("cache_uri", str(out / "cache"))
     arguments.setdefault("work_uri", str(out / "work"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
-    ferpipe_pipeline = build_pipeline(fold_parallelism=LOCAL_FOLD_PARALLELISM)
+    # The runner raises once the pipeline has failed, after each failed task's retries: the one signal of
+    # failure that does not depend on reading its log.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    ferpipe_pipeline = build_pipeline(fold_parallelism=LOCAL_FOLD_PARALLELISM,
+                                      shard_parallelism=LOCAL_SHARD_PARALLELISM)
     # Tasks write relative paths (MLflow's default artifact root) under OUT, not wherever this was started.
     cwd = os.getcwd()
     os.chdir(out)
@@ -324,18 +362,22 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     # KFP's local runner swaps builtins.print for an indenting one while a task streams its log, and with
     # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
     original_print = builtins.print
+    failure = None
     try:
-        with TaskEnvironment() as environment, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
-                                                        bool(arguments.get("final_model", True)),
-                                                        after_folds=environment.one_at_a_time,
-                                                        after_start=environment.pipeline_run) as view:
-            task = ferpipe_pipeline(**arguments)
+        with TaskEnvironment(root=root) as environment, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
+                                                                 bool(arguments.get("final_model", True)),
+                                                                 after_folds=environment.one_at_a_time):
+            try:
+                task = ferpipe_pipeline(**arguments)
+            except RuntimeError as err:  # "Pipeline 'ferpipe' finished with status FAILURE. Inner task failed: ..."
+                failure = LiveView.ANSI.sub("", str(err))
     finally:
         os.chdir(cwd)
         builtins.print = original_print
     seconds = time.perf_counter() - started
-    if view.failed:
-        raise UserError(f"task {view.failed[0]} failed; its log is in {log}")
+    if failure is not None:
+        inner = failure.split("Inner task failed:", 1)[-1].strip().rstrip(".") if "Inner task" in failure else failure
+        raise UserError(f"task {inner} failed; its log is in {log}")
     reports = newest_output(root, "aggregation", "reports")
     run_dir = reports.parents[1] if reports is not None else None
     results = out / "results"

@@ -10,7 +10,6 @@ from science_fixtures import face_template, synthetic_face
 from ferpipe.data.parts import FLIP_PERMUTATION, PARTS
 from ferpipe.model.augment import (
     AugmentSettings,
-    BatchStream,
     augment_example,
     compose,
     draw_transform,
@@ -121,25 +120,6 @@ def test_points_never_leave_the_unit_square_and_big_shifts_are_redrawn():
         assert moved.min() >= 0.0 and moved.max() <= 1.0
         kept_all += np.all((moved > 0) & (moved < 1))
     assert kept_all >= 15  # redrawing finds transforms that keep the face in the crop
-
-
-def test_batch_stream_is_reproducible_and_normalised():
-    images = np.stack([synthetic_face("happy", np.random.default_rng(i))[0] for i in range(5)])
-    points = np.stack([face_template()] * 5)
-    mouth = PARTS["mouth"]
-    targets = lambda moved, rows: moved[:, mouth].reshape(len(rows), -1)  # noqa: E731
-    stream = BatchStream(images, points, targets, batch_size=2, seed=4)
-    assert len(stream) == 3
-    x, y = stream.batch(epoch=2, index=1)
-    x2, y2 = BatchStream(images, points, targets, batch_size=2, seed=4).batch(epoch=2, index=1)
-    assert np.array_equal(x, x2) and np.array_equal(y, y2)
-    assert x.dtype == np.float32 and x.min() >= -1.0 and x.max() <= 1.0
-    assert y.shape == (2, 40)
-    assert stream.batch(epoch=2, index=2)[0].shape == (2, 160, 160, 3)  # the last batch is topped up
-    other = stream.batch(epoch=3, index=1)[0]
-    assert not np.array_equal(x, other)
-    seen = stream.order(0)
-    assert len(seen) == 6 and sorted(seen[:5].tolist()) == list(range(5))
 
 
 def test_network_input_scaling():

@@ -19,7 +19,8 @@ from components.augmentation_stage import augmentation_stage
 from components.clahe_stage import clahe_stage
 from components.detection_stage import detection_stage
 from components.fold_plan import fold_plan
-from components.input_stage import input_fingerprint, input_stage
+from components.gather_stage import gather_shards
+from components.input_stage import input_fingerprint, input_stage, shard_plan
 from components.landmark_stage import landmark_stage
 from components.prediction_stage import prediction_stage
 from components.tracking_start import tracking_start
@@ -42,21 +43,27 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chain(demo, tmp_path_factory):
-    """Stages 1-5 called one after another as plain functions, as the DAG wires them."""
+    """Stages 1-5 called one after another as plain functions, as the DAG wires them (one shard here)."""
     root = tmp_path_factory.mktemp("chain")
-    out = {name: artifact(Dataset, root, name) for name in ("frames", "enhanced", "faces", "annotated", "fold")}
+    names = ("shards", "frames", "enhanced", "faces", "shard", "annotated", "fold")
+    out = {name: artifact(Dataset, root, name) for name in names}
     out["preview"], out["plan"] = artifact(HTML, root, "preview"), artifact(Markdown, root, "plan")
-    out["augmentation"] = artifact(HTML, root, "augmentation")
-    cache = str(root / "cache")
+    out["augmentation"], out["gathered"] = artifact(HTML, root, "augmentation"), artifact(HTML, root, "gathered")
+    cache, work = str(root / "cache"), str(root / "work")
     out["fingerprint"] = input_fingerprint.python_func(data_uri=str(demo), cache_uri=cache)
-    input_stage.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"], n_folds=10,
-                           cache_uri=cache, frames=out["frames"])
+    out["items"] = shard_plan.python_func(dataset="jaffe", data_uri=str(demo), fingerprint=out["fingerprint"],
+                                          n_folds=10, shard_size=2000, work_uri=work, plan=out["shards"])
+    input_stage.python_func(shard=out["items"][0], data_uri=str(demo), work_uri=work, cache_uri=cache,
+                            frames=out["frames"])
     clahe_stage.python_func(frames=out["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache,
                                  enhanced=out["enhanced"])
     detection_stage.python_func(enhanced=out["enhanced"], confidence=0.5, on_no_face="skip", cache_uri=cache,
                              faces=out["faces"])
-    landmark_stage.python_func(faces=out["faces"], source="dlib", cache_uri=cache, annotated=out["annotated"],
-                                   preview=out["preview"])
+    landmark_stage.python_func(faces=out["faces"], source="dlib", cache_uri=cache, work_uri=work,
+                               annotated=out["shard"], preview=out["preview"])
+    gather_shards.python_func(plan=out["shards"], work_uri=work, clahe_clip_limit=2.0, clahe_tile_grid=8,
+                              detection_confidence=0.5, on_no_face="skip", landmark_source="dlib",
+                              annotated=out["annotated"], preview=out["gathered"])
     out["folds"] = fold_plan.python_func(annotated=out["annotated"], max_folds=0, plan=out["plan"])
     augmentation_stage.python_func(annotated=out["annotated"], fold=1, profile="smoke", dataset="jaffe", seed=0,
                              fold_data=out["fold"], preview=out["augmentation"])
@@ -76,11 +83,19 @@ def test_fingerprint_changes_with_the_data(demo, tmp_path):
 
 
 def test_stage_components_pass_datasets_along(chain):
-    for name in ("frames", "enhanced", "faces", "annotated"):
+    assert chain["items"] == [f"0of1-{chain['items'][0].split('-')[1]}"] and chain["shards"].metadata["shards"] == 1
+    assert chain["shards"].metadata["fingerprint"] == chain["fingerprint"]
+    for name in ("frames", "enhanced", "faces", "shard", "annotated"):
         manifest = read_manifest(chain[name].path)
         assert len(manifest) == 21, name
         assert chain[name].metadata["ok"] == 21
-    assert chain["frames"].metadata["fingerprint"] == chain["fingerprint"]
+    # A shard task's output is a manifest and one pack; the gathered dataset a manifest pointing at the
+    # pack the landmark task published.
+    assert sorted(p.name for p in Path(chain["faces"].path).rglob("*") if p.is_file()) == [
+        "0of1.parquet", "manifest.parquet", "shard.json"]
+    assert chain["shard"].metadata["published"].startswith(str(Path(chain["shard"].path).parent / "work" / "shards"))
+    assert [p.name for p in Path(chain["annotated"].path).iterdir()] == ["manifest.parquet"]
+    assert "<img src=\"data:image/png;base64," in Path(chain["gathered"].path).read_text()
     assert read_manifest(chain["faces"].path)["face_box"].notna().all()
     assert read_manifest(chain["annotated"].path)["landmarks"].map(len).eq(136).all()
     assert "<img src=\"data:image/png;base64," in Path(chain["preview"].path).read_text()
@@ -265,12 +280,19 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
     from kfp import dsl, local
 
     @dsl.pipeline
-    def stages(data_uri: str, cache_uri: str) -> Model:
-        frames = input_stage(dataset="jaffe", data_uri=data_uri, fingerprint="f", n_folds=10, cache_uri=cache_uri)
-        enhanced = clahe_stage(frames=frames.outputs["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache_uri)
-        faces = detection_stage(enhanced=enhanced.outputs["enhanced"], confidence=0.5, on_no_face="skip",
-                             cache_uri=cache_uri)
-        annotated = landmark_stage(faces=faces.outputs["faces"], source="dlib", cache_uri=cache_uri)
+    def stages(data_uri: str, cache_uri: str, work_uri: str) -> Model:
+        shards = shard_plan(dataset="jaffe", data_uri=data_uri, fingerprint="f", n_folds=10, shard_size=12,
+                            work_uri=work_uri)
+        with dsl.ParallelFor(shards.outputs["Output"]) as shard:
+            frames = input_stage(shard=shard, data_uri=data_uri, work_uri=work_uri, cache_uri=cache_uri)
+            enhanced = clahe_stage(frames=frames.outputs["frames"], clip_limit=2.0, tile_grid=8, cache_uri=cache_uri)
+            faces = detection_stage(enhanced=enhanced.outputs["enhanced"], confidence=0.5, on_no_face="skip",
+                                    cache_uri=cache_uri)
+            stage4 = landmark_stage(faces=faces.outputs["faces"], source="dlib", cache_uri=cache_uri,
+                                    work_uri=work_uri)
+        annotated = gather_shards(plan=shards.outputs["plan"], work_uri=work_uri, clahe_clip_limit=2.0,
+                                  clahe_tile_grid=8, detection_confidence=0.5, on_no_face="skip",
+                                  landmark_source="dlib").after(stage4)
         fold_plan(annotated=annotated.outputs["annotated"], max_folds=2)
         fold = augmentation_stage(annotated=annotated.outputs["annotated"], fold=0, profile="smoke", dataset="jaffe",
                                   seed=0)
@@ -279,12 +301,14 @@ def test_stage_components_run_under_the_local_runner(demo, tmp_path):
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                raise_on_error=True)
-    model = stages(data_uri=str(demo), cache_uri=str(tmp_path / "cache")).output
+    model = stages(data_uri=str(demo), cache_uri=str(tmp_path / "cache"), work_uri=str(tmp_path / "work")).output
     assert Path(model.path, "model.weights.h5").is_file()
     summary = json.loads(Path(model.path, "member.json").read_text())
     assert summary["network"] == "baseline" and summary["fold"] == 0
-    annotated = next((tmp_path / "root").glob("*/landmark-stage/annotated"))
-    assert read_manifest(str(annotated))["status"].eq("ok").all()
+    shards = sorted((tmp_path / "root").glob("*/for-loop-*/landmark-stage/annotated"))
+    assert len(shards) == 2  # 21 images at 12 a shard
+    annotated = read_manifest(str(next((tmp_path / "root").glob("*/gather-shards/annotated"))))
+    assert len(annotated) == 21 and annotated["status"].eq("ok").all() and annotated["shard"].nunique() == 2
 
 
 def test_the_member_key_follows_the_training_code(chain, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from ferpipe.data.adapters.fer2013 import list_fer2013
 from ferpipe.data.adapters.split import list_split
 from ferpipe.data.folds import TRAIN_ONLY, VALIDATION_ONLY, assign_folds, fold_ids, fold_summary, split_fold
 from ferpipe.data.manifest import read_manifest, write_manifest
+from ferpipe.data.packs import PixelReader
 from ferpipe.data.storage import LocalStore
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import SMOKE
@@ -98,7 +99,8 @@ def test_stage_one_reads_fer2013_rows_and_places_each_split(tmp_path):
     assert manifest["detail"].iloc[-1].startswith("pixels: 2 values")  # its own reason, not a failed file read
     assert manifest["source"].iloc[0].endswith("/data/fer2013.csv#row00001")
     assert manifest["sha256"].notna().all()
-    frame = imaging.decode_png((tmp_path / "out" / manifest["image_path"].iloc[0]).read_bytes())
+    first = manifest.iloc[0]
+    frame = imaging.decode_png(PixelReader(str(tmp_path / "out")).png(first["image_path"], first["row"]))
     assert frame.shape == (300, 300, 3)
     assert fold_ids(manifest) == [0]
 

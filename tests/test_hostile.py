@@ -24,6 +24,7 @@ from PIL import Image
 
 from ferpipe.data.manifest import read_manifest, write_manifest
 from ferpipe.data.output import LOCK_NAME, STAGING_DIR, claim_output
+from ferpipe.data.packs import PixelReader
 from ferpipe.data.storage import LocalStore
 from ferpipe.errors import OutputBusy, UserError
 from ferpipe.preprocess import runner as pp
@@ -201,8 +202,10 @@ def test_two_runs_into_one_out_never_mix(london, tmp_path):
     manifest = read_manifest(LocalStore(out))
     authors = {Path(s).parent.parent.name for s in manifest["source"]}
     assert len(authors) == 1, f"rows from {authors}"
-    published = {f"images/{p.name}" for p in (out / "images").iterdir()}
+    published = {f"shards/{p.name}" for p in (out / "shards").iterdir()}
     assert published == set(manifest.loc[manifest["status"] == "ok", "image_path"])
+    pixels = PixelReader(LocalStore(out))  # each row's pack holds that row's image, nobody else's
+    assert all(pixels.png(r.image_path, r.row, r.image_id) for r in manifest[manifest["status"] == "ok"].itertuples())
     assert not (out / LOCK_NAME).exists() and not (out / STAGING_DIR).exists()
 
 

@@ -37,7 +37,8 @@ def test_the_readme_picture_is_the_compiled_dag():
     for name in ("input stage", "clahe stage", "detection stage", "landmark stage", "augmentation stage",
                  "train eyebrows (GPU)", "prediction stage", "aggregation"):
         assert f'["{name}"]' in picture, name
-    assert "for_loop_1 --> aggregation" in picture  # the fan-in is drawn as the YAML has it
+    assert "for_loop_1 --> gather_shards" in picture and "for_loop_2 --> aggregation" in picture  # the fan-ins
+    assert 'for_loop_1["for each shard"]' in picture and 'for_loop_2["for each fold"]' in picture
 
 
 def test_the_yaml_names_the_images_the_current_code_builds(spec):
@@ -51,16 +52,41 @@ def test_the_yaml_names_the_images_the_current_code_builds(spec):
 def test_the_seven_stages_and_the_steps_around_them(spec):
     ir, _ = spec
     components = set(ir["components"])
-    for stage in (*STAGES, "input-fingerprint", "fold-plan", "aggregation"):
+    for stage in (*STAGES, "input-fingerprint", "shard-plan", "gather-shards", "fold-plan", "aggregation"):
         assert f"comp-{stage}" in components
+
+
+def loop_over(ir: dict, producer: str) -> tuple[str, dict]:
+    (found,) = [(k, v) for k, v in ir["root"]["dag"]["tasks"].items()
+                if v.get("parameterIterator", {}).get("items", {}).get("inputParameter", "").endswith(f"{producer}-Output")]
+    return found
+
+
+def test_stages_1_to_4_run_per_shard_and_the_gather_waits_for_every_shard(spec):
+    ir, _ = spec
+    tasks = ir["root"]["dag"]["tasks"]
+    key, loop = loop_over(ir, "shard-plan")
+    body = ir["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(body) == {"input-stage", "clahe-stage", "detection-stage", "landmark-stage"}  # four separate tasks
+    assert body["input-stage"]["inputs"]["parameters"]["shard"]["componentInputParameter"].endswith("loop-item")
+    for stage, previous in (("clahe-stage", "input-stage"), ("detection-stage", "clahe-stage"),
+                            ("landmark-stage", "detection-stage")):
+        (artifact,) = body[stage]["inputs"]["artifacts"].values()
+        assert artifact["taskOutputArtifact"]["producerTask"] == previous
+    gather = tasks["gather-shards"]
+    assert key in gather["dependentTasks"]  # after the whole loop: no collected list (KFP 2.5)
+    assert gather["inputs"]["artifacts"]["plan"]["taskOutputArtifact"]["producerTask"] == "shard-plan"
+    assert "kfp_run_id" not in ir["components"]["comp-gather-shards"]["inputDefinitions"]["parameters"]
+    assert tasks["fold-plan"]["inputs"]["artifacts"]["annotated"]["taskOutputArtifact"]["producerTask"] == \
+        "gather-shards"
+    assert ir["root"]["inputDefinitions"]["parameters"]["shard_size"]["defaultValue"] == 2000
 
 
 def test_a_fold_loop_holds_five_named_trainings_feeding_one_prediction(spec):
     ir, _ = spec
     loops = {k: v for k, v in ir["root"]["dag"]["tasks"].items() if "parameterIterator" in v}
-    assert len(loops) == 1
-    (fold_loop,) = loops.values()
-    assert fold_loop["parameterIterator"]["items"]["inputParameter"].endswith("fold-plan-Output")
+    assert len(loops) == 2  # shards, then folds
+    _, fold_loop = loop_over(ir, "fold-plan")
     body = ir["components"][fold_loop["componentRef"]["name"]]["dag"]["tasks"]
     assert not [v for v in body.values() if "parameterIterator" in v]  # the parts are unrolled, not a loop
     trainings = {key: task["taskInfo"]["name"] for key, task in body.items() if key.startswith("training-stage")}
@@ -77,12 +103,12 @@ def test_a_fold_loop_holds_five_named_trainings_feeding_one_prediction(spec):
 def test_aggregation_waits_for_the_whole_fold_loop(spec):
     ir, _ = spec
     tasks = ir["root"]["dag"]["tasks"]
-    (loop,) = [k for k, v in tasks.items() if "parameterIterator" in v]
+    loop, _ = loop_over(ir, "fold-plan")
     assert loop in tasks["aggregation"]["dependentTasks"]
-    # It lists the run's folds in work_uri; its one artifact input is stage 4's dataset, from outside the loop
-    # (the report's data quality).
+    # It lists the run's folds in work_uri; its one artifact input is stage 4's gathered dataset, from outside
+    # the loop (the report's data quality).
     artifacts = tasks["aggregation"].get("inputs", {}).get("artifacts", {})
-    assert {k: v["taskOutputArtifact"]["producerTask"] for k, v in artifacts.items()} == {"annotated": "landmark-stage"}
+    assert {k: v["taskOutputArtifact"]["producerTask"] for k, v in artifacts.items()} == {"annotated": "gather-shards"}
 
 
 def test_the_run_page_shows_the_preview_confusion_metrics_and_the_report(spec):
@@ -90,7 +116,8 @@ def test_the_run_page_shows_the_preview_confusion_metrics_and_the_report(spec):
     ir, _ = spec
     kinds = lambda component: {name: a["artifactType"]["schemaTitle"]  # noqa: E731
                                for name, a in ir["components"][component]["outputDefinitions"]["artifacts"].items()}
-    assert kinds("comp-landmark-stage")["preview"] == "system.HTML"
+    assert kinds("comp-landmark-stage")["preview"] == "system.HTML"  # each shard's faces
+    assert kinds("comp-gather-shards")["preview"] == "system.HTML"  # the dataset's
     aggregation = kinds("comp-aggregation")
     assert aggregation["report_html"] == "system.HTML" and aggregation["report"] == "system.Markdown"
     assert aggregation["confusion"] == "system.ClassificationMetrics" and aggregation["metrics"] == "system.Metrics"
@@ -98,7 +125,7 @@ def test_the_run_page_shows_the_preview_confusion_metrics_and_the_report(spec):
     tasks = ir["root"]["dag"]["tasks"]
     assert tasks["aggregation"]["inputs"]["parameters"]["fingerprint"]["taskOutputParameter"]["producerTask"] == \
         "input-fingerprint"
-    assert tasks["input-stage"]["inputs"]["parameters"]["subject_meta_uri"]["componentInputParameter"] == \
+    assert tasks["shard-plan"]["inputs"]["parameters"]["subject_meta_uri"]["componentInputParameter"] == \
         "subject_meta_uri"
 
 
@@ -148,28 +175,29 @@ def test_fingerprint_prediction_and_aggregation_are_never_cached(spec):
     tasks = ir["root"]["dag"]["tasks"]
     assert tasks["input-fingerprint"]["cachingOptions"] == {}
     assert tasks["aggregation"]["cachingOptions"] == {}
-    assert tasks["input-stage"]["cachingOptions"]["enableCache"] is True
-    assert "fingerprint" in tasks["input-stage"]["inputs"]["parameters"]
-    body = next(ir["components"][v["componentRef"]["name"]]["dag"]["tasks"]
-                for v in tasks.values() if "parameterIterator" in v)
+    assert tasks["shard-plan"]["cachingOptions"]["enableCache"] is True
+    assert tasks["gather-shards"]["cachingOptions"]["enableCache"] is True
+    assert "fingerprint" in tasks["shard-plan"]["inputs"]["parameters"]
+    shards = ir["components"][loop_over(ir, "shard-plan")[1]["componentRef"]["name"]]["dag"]["tasks"]
+    assert all(task["cachingOptions"]["enableCache"] is True for task in shards.values())
+    body = ir["components"][loop_over(ir, "fold-plan")[1]["componentRef"]["name"]]["dag"]["tasks"]
     assert body["prediction-stage"]["cachingOptions"] == {}  # each run writes its folds under its own id
 
 
 def test_training_is_retried_with_backoff_and_aggregation_is_not(spec):
     ir, _ = spec
     tasks = ir["root"]["dag"]["tasks"]
-    body = next(ir["components"][v["componentRef"]["name"]]["dag"]["tasks"]
-                for v in tasks.values() if "parameterIterator" in v)
+    body = ir["components"][loop_over(ir, "fold-plan")[1]["componentRef"]["name"]]["dag"]["tasks"]
     retry = body["training-stage"]["retryPolicy"]
     assert retry["maxRetryCount"] >= 2 and retry["backoffFactor"] >= 2 and retry["backoffDuration"].endswith("s")
-    assert "retryPolicy" in tasks["input-stage"]
+    assert "retryPolicy" in tasks["shard-plan"]
     assert "retryPolicy" not in tasks["aggregation"]  # it logs to MLflow once
 
 
 @pytest.mark.parametrize("limit,folds_at_once,chained", [(0, None, False), (10, 2, False), (2, 1, True)])
 def test_a_gpu_budget_limits_folds_and_chains_trainings(tmp_path, limit, folds_at_once, chained):
     ir, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "limited.yaml", max_parallel_gpu=limit).read_text())
-    (loop,) = [t for t in ir["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    _, loop = loop_over(ir, "fold-plan")
     assert loop.get("iteratorPolicy", {}).get("parallelismLimit") == folds_at_once
     body = ir["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     waits = {k: [d for d in t["dependentTasks"] if d.startswith("training-stage")]

@@ -19,8 +19,9 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(demo, tmp_path_factory):
+    # 21 images at 12 a shard: two shards, each through its own four stage tasks.
     return run_locally(tmp_path_factory.mktemp("run"), dict(
-        data_uri=str(demo), dataset="jaffe", network="el", profile="smoke", max_folds=2))
+        data_uri=str(demo), dataset="jaffe", network="el", profile="smoke", max_folds=2, shard_size=12))
 
 
 def runs_of(uri: str):
@@ -61,6 +62,20 @@ def check_mlflow_tree(uri: str, parent_id: str, folds: int, synthetic: bool):
     return parent
 
 
+def test_stages_run_per_shard_and_write_a_pack_not_a_file_per_image(first_run):
+    shards = sorted(first_run.run_dir.glob("for-loop-*/landmark-stage/annotated"))
+    assert len(shards) == 2
+    for stage, output in (("input-stage", "frames"), ("clahe-stage", "enhanced"), ("detection-stage", "faces"),
+                          ("landmark-stage", "annotated")):
+        folders = sorted(first_run.run_dir.glob(f"for-loop-*/{stage}/{output}"))
+        files = [p for folder in folders for p in folder.rglob("*") if p.is_file()]
+        assert len(folders) == 2 and len(files) == 2 * 3, stage  # manifest, shard.json and one pack a shard
+    gathered = first_run.run_dir / "gather-shards" / "annotated"
+    assert [p.name for p in gathered.iterdir()] == ["manifest.parquet"]
+    fold_data = sorted(first_run.run_dir.glob("for-loop-*/augmentation-stage/fold_data"))
+    assert fold_data and all(not list(f.rglob("*.png"))[1:] for f in fold_data)  # the preview only, no crops
+
+
 def test_local_pipeline_writes_results_and_the_mlflow_tree(first_run):
     results = json.loads((first_run.results / "results.json").read_text())
     assert set(results["folds"]) == {"0", "1"} and results["overall"]["images"] == 14
@@ -84,7 +99,7 @@ def check_registered_model(run, name: str, results: dict) -> None:
 
 def test_rerun_on_unchanged_data_recomputes_nothing_the_caches_cover(first_run, demo):
     again = run_locally(first_run.out, dict(data_uri=str(demo), dataset="jaffe", network="el", profile="smoke",
-                                     max_folds=2))
+                                     max_folds=2, shard_size=12))
     summary = again.cache_summary()
     assert summary["input-stage"] == (21, 21)
     for stage in ("clahe-stage", "detection-stage", "landmark-stage"):

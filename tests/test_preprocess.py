@@ -12,6 +12,8 @@ from PIL import Image
 from test_adapters import write
 
 from ferpipe.data.manifest import COLUMNS, read_manifest
+from ferpipe.data.packs import PixelReader
+from ferpipe.data.storage import LocalStore
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess import runner as pp
 from ferpipe.preprocess.chain import PreprocessSettings
@@ -74,8 +76,13 @@ def test_manifest_on_disk_holds_crops_landmarks_and_folds(messy_manifest):
     on_disk = read_manifest(str(out))
     assert list(on_disk.columns[: len(COLUMNS)]) == COLUMNS
     ok = on_disk[on_disk["status"] == "ok"]
+    # The crops are packed, a file per shard: the manifest names the pack and the row.
+    assert set(ok["image_path"]) == {f"shards/{s}.parquet" for s in ok["shard"]} == {"shards/0of1.parquet"}
+    assert sorted(ok["row"]) == list(range(len(ok)))
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["0of1.parquet"]
+    crops = dict(PixelReader(LocalStore(out)).rows(ok))
     for row in ok.itertuples():
-        crop = imaging.decode_png((out / row.image_path).read_bytes())
+        crop = imaging.decode_png(crops[row.Index])
         assert crop.shape == (160, 160, 3)
         assert len(row.landmarks) == 136 and 0 <= np.min(row.landmarks) and np.max(row.landmarks) <= 1
         assert len(row.face_box) == 4 and row.face_confidence >= 0.5

@@ -181,5 +181,7 @@ def test_the_final_models_fold_holds_nobody_out_and_validates_on_its_own_subject
     sides = written.groupby("split")["subject"].agg(set)
     assert "test" not in sides and sides["val"] and sides["train"] | sides["val"] == {f"{s:03d}" for s in range(10)}
     assert info["train_images"] + info["val_images"] == len(rows) - 1
-    a, b = (sorted((tmp_path / d / "images").iterdir()) for d in "ab")
-    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    a, b = (read_manifest(tmp_path / d) for d in "ab")
+    assert a[["image_id", "split", "image_path"]].equals(b[["image_id", "split", "image_path"]])
+    # No pixels copied: the fold points at the prepared dataset's files by full path.
+    assert set(a["image_path"]) <= {str(tmp_path / "prepared" / r["image_path"]) for r in rows}

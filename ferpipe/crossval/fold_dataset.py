@@ -2,10 +2,12 @@
 
 A fold dataset is a dataset directory whose manifest's `split` column says
 `train` (the fold's training subjects), `val` (validation subjects, drawn from
-the training side) or `test` (the fold's held-out subjects). `fold.json`
+the training side) or `test` (the fold's held-out subjects). It holds no
+pixels: its rows point at the prepared dataset's packs by full URI, so a fold
+of a million images is a manifest, not a copy. `fold.json`
 records the fold, the classes and the augmentation plan: the settings and the
 seed every training task augments with. Training augments online, a fresh
-draw of every image in every epoch (`augment.BatchStream`, seeded by member,
+draw of every image in every epoch (`stream.BatchStream`, seeded by member,
 phase, epoch and batch), as the paper's ImageDataGenerator did. Measured on
 London it learned as well as training on copies written here (README), and it
 writes none: stage 5 writes the plan and a picture of what training draws,
@@ -32,9 +34,11 @@ import pandas as pd
 
 from ferpipe.data.folds import FoldSplit, fold_ids, has_validation_split, split_fold
 from ferpipe.data.manifest import OK, read_manifest, write_manifest
+from ferpipe.data.packs import full_location
 from ferpipe.data.storage import Store, open_store
-from ferpipe.model.augment import AugmentSettings, BatchStream, member_seed, stream_seed
-from ferpipe.model.examples import Examples, class_names, load_examples
+from ferpipe.model.augment import AugmentSettings, member_seed, stream_seed
+from ferpipe.model.examples import Examples, ExampleSet, class_names
+from ferpipe.model.stream import BatchStream
 from ferpipe.model.profiles import Profile
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess.preview import draw_landmarks
@@ -74,9 +78,8 @@ def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: 
     split = split_for(manifest, fold, profile.val_fraction, seed)
     rows = []
     for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
-        for row in part.to_dict("records"):
-            target.write_bytes(row["image_path"], source.read_bytes(row["image_path"]))
-            rows.append({**row, "split": name})
+        for row in part.to_dict("records"):  # pixels stay in the prepared dataset's packs: referenced, not copied
+            rows.append({**row, "split": name, "image_path": full_location(source, row["image_path"])})
     info = {
         "fold": fold, "classes": list(classes), "seed": seed, "profile": profile.name,
         "augment": asdict(profile.augment) if profile.augment is not None else None,
@@ -85,7 +88,7 @@ def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: 
     }
     target.write_bytes(FOLD_FILE, json.dumps(info, indent=1).encode())
     write_manifest(pd.DataFrame(rows), target)
-    train = load_examples(target, split.train, classes, profile.input_size)
+    train = ExampleSet(source, split.train, classes, profile.input_size)
     target.write_bytes(PREVIEW_FILE, imaging.encode_png(augmentation_sheet(train, profile, seed)))
     return info
 
@@ -95,14 +98,15 @@ def planned_profile(profile: Profile, info: dict) -> Profile:
     return replace(profile, augment=AugmentSettings(**info["augment"]) if info["augment"] is not None else None)
 
 
-def augmentation_sheet(train: Examples, profile: Profile, seed: int, epochs: int = 4, columns: int = 6) -> np.ndarray:
+def augmentation_sheet(train: Examples | ExampleSet, profile: Profile, seed: int, epochs: int = 4,
+                       columns: int = 6) -> np.ndarray:
     """What training draws: the first images of the first batch of epochs 1..`epochs`, at the network's
     size, with their moved landmarks; the stream of the ensemble's first member in its first phase."""
     if not len(train):
         return np.zeros((32, 32, 3), np.uint8)
-    stream = BatchStream(train.images, train.points, lambda points, rows: rows, profile.batch_size,
-                         seed=stream_seed(member_seed(seed, 0), 0), settings=profile.augment)
-    scale = max(1, 128 // train.size)
+    stream = BatchStream(train, None, profile.batch_size, seed=stream_seed(member_seed(seed, 0), 0),
+                         settings=profile.augment)
+    scale = max(1, 128 // profile.input_size)
     lines = []
     for epoch in range(epochs):
         images, points, _ = stream.draw(epoch, 0)
@@ -120,15 +124,15 @@ def read_fold_info(where: str | Store) -> dict:
     return json.loads(store.read_bytes(FOLD_FILE))
 
 
-def load_fold_split(where: str | Store, name: str, size: int | None = None) -> Examples:
-    """The `train`, `val` or `test` examples of a fold dataset, resized to `size`."""
+def load_fold_split(where: str | Store, name: str, size: int) -> ExampleSet:
+    """The `train`, `val` or `test` side of a fold dataset at `size`: its rows, crops read when asked."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     store = open_store(where)
     info = read_fold_info(store)
     manifest = read_manifest(store)
     rows = manifest[(manifest["split"] == name) & (manifest["status"] == OK)]
-    return load_examples(store, rows, tuple(info["classes"]), size)
+    return ExampleSet(store, rows, tuple(info["classes"]), size)
 
 
 def check_no_leak(where: str | Store) -> None:

@@ -37,7 +37,8 @@ from ferpipe.evaluate.scoring import (
     write_table,
 )
 from ferpipe.model.ensemble import ensemble_predictions, predict_members
-from ferpipe.model.examples import Examples
+from ferpipe.model.examples import Examples, ExampleSet
+from ferpipe.model.stream import chunk_size
 from ferpipe.model.profiles import get_profile
 from ferpipe.model.training import (
     LANDMARK_FILE,
@@ -57,6 +58,9 @@ FOLD_RESULT = "fold.json"
 GRADCAM_FILE = "gradcam.png"
 LANDMARK_STUDY_FILE = "landmark_study.png"
 PREDICTIONS_FILE = "predictions.csv"
+# The landmark study reads the fold's first test images up to this many (all of a small set's): its errors
+# are means, which a few thousand faces pin down, and it keeps the images in memory.
+STUDY_IMAGES = 2048
 
 
 def _prediction_rows(test: Examples, probabilities: np.ndarray, slots: Sequence[str]) -> pd.DataFrame:
@@ -71,11 +75,14 @@ def _prediction_rows(test: Examples, probabilities: np.ndarray, slots: Sequence[
     return frame
 
 
-def score_fold(models: Sequence, test: Examples, slots: Sequence[str] = ENSEMBLE_PARTS) -> tuple[dict, pd.DataFrame]:
-    """Predict a fold's test images with every member; the fold's scores and per-image rows."""
+def score_fold(models: Sequence, test: Examples | ExampleSet,
+               slots: Sequence[str] = ENSEMBLE_PARTS) -> tuple[dict, pd.DataFrame]:
+    """Predict a fold's test images with every member, a chunk of them in memory at a time; the fold's
+    scores and per-image rows."""
     started = time.perf_counter()
     if len(test):
-        probabilities = predict_members(models, test.images)
+        probabilities = np.concatenate([predict_members(models, chunk.images) for chunk in test.chunks(chunk_size(32))],
+                                       axis=1)
     else:  # every test image of the fold was rejected upstream
         probabilities = np.zeros((len(models), 0, len(test.classes)), np.float32)
     result = evaluate_predictions(test.labels, probabilities, slots)
@@ -171,7 +178,8 @@ def predict_fold(fold_dir: str, network: str, member_dirs: Sequence[str], profil
     result["landmark_study"] = landmark_study(
         {m.slot: m.part for m in members},
         {m.slot: load_landmark_weights(by_slot[m.slot][0] / LANDMARK_FILE) for m in members},
-        {m.slot: model for m, model in zip(members, models)}, test, out / LANDMARK_STUDY_FILE)
+        {m.slot: model for m, model in zip(members, models)}, test.take(np.arange(min(len(test), STUDY_IMAGES))),
+        out / LANDMARK_STUDY_FILE)
     result = {"fold": info["fold"], "classes": info["classes"], "network": network, "profile": chosen.name,
               "train_images": info["train_images"], "test_subjects": info["test_subjects"], **result,
               "members": {m.slot: by_slot[m.slot][1] for m in members}}

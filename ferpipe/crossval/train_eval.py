@@ -48,8 +48,9 @@ from ferpipe.evaluate.scoring import (
     write_table,
 )
 from ferpipe.model.ensemble import predict_members
-from ferpipe.model.examples import Examples, class_names, load_examples
+from ferpipe.model.examples import Examples, ExampleSet, class_names, load_examples
 from ferpipe.model.profiles import Profile, get_profile
+from ferpipe.model.stream import chunk_size
 from ferpipe.model.training import Progress, ensemble_members, log_progress, train_member
 
 log = logging.getLogger(__name__)
@@ -191,17 +192,17 @@ def cross_dataset_eval(
     classes = class_names(side)
     # A fold number no row has: nothing is tested, validation subjects are drawn from the rest.
     split = split_fold(side, fold=int(side["fold"].max()) + 1, val_fraction=profile.val_fraction, seed=seed)
-    train = load_examples(train_store, split.train, classes, profile.input_size)
-    val = load_examples(train_store, split.val, classes, profile.input_size)
+    train = ExampleSet(train_store, split.train, classes, profile.input_size)
+    val = ExampleSet(train_store, split.val, classes, profile.input_size)
     test_manifest = read_manifest(test_store)
     test_rows = test_manifest[test_manifest["status"] == OK]
     kept = test_rows[test_rows["label"].str.lower().isin(classes)]
-    test = load_examples(test_store, kept, classes, profile.input_size)
+    test = ExampleSet(test_store, kept, classes, profile.input_size)
     out = Path(out_dir)
     models = []
     for member in ensemble_members(network, seed):
         models.append(train_member(member, train, val, profile, out / "checkpoints" / member.slot, progress).model)
-    probabilities = predict_members(models, test.images)
+    probabilities = np.concatenate([predict_members(models, chunk.images) for chunk in test.chunks(chunk_size(32))], axis=1)
     result = evaluate_cross_dataset(probabilities, [classes[i] for i in test.labels], classes)
     dropped = test_rows.loc[~test_rows.index.isin(kept.index), "label"].str.lower().value_counts().sort_index()
     result.update(

@@ -1,7 +1,9 @@
 """The manifest: one row per offered image, never dropped, with its status.
 
 A stage's output is a dataset directory: `manifest.parquet` plus the pixels it
-made. Rejects keep their row (status says why) so that rows = files offered.
+made, packed a file per shard (ferpipe.data.packs: `image_path` names the pack,
+`row` the row in it). Rejects keep their row (status says why) so that rows =
+files offered.
 The manifest is written last and in one atomic put: a run killed half way
 leaves the previous manifest (or none), never half of one.
 """
@@ -49,6 +51,8 @@ SCHEMA = pa.schema(
         # The file name's exact bytes when they are not UTF-8 (`source` then shows them escaped, \xNN).
         ("source_bytes", pa.binary()),
         ("exif_orientation", pa.int8()),  # the EXIF rotation/flip applied before stage 1 (1 = none)
+        ("shard", pa.string()),  # the shard the row was preprocessed in (ferpipe.data.shards)
+        ("row", pa.int32()),  # the row of `image_path`'s pack holding the pixels; empty: a loose PNG file
     ]
 )
 COLUMNS = SCHEMA.names

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ferpipe.data.manifest import read_manifest
+from ferpipe.data.packs import PixelReader, by_pack
 from ferpipe.data.storage import Store, open_store
 from ferpipe.preprocess.imaging import decode_png
 
@@ -64,11 +65,12 @@ def misses_sheet(predictions: pd.DataFrame, dataset: str | Store, classes: list[
         return None
     store = open_store(dataset)
     manifest = read_manifest(store)
-    paths = dict(zip(manifest["image_id"], manifest["image_path"]))
+    shown = manifest[manifest["image_id"].isin(set(wrong["image_id"])) & manifest["image_path"].notna()]
+    pixels = {manifest.at[index, "image_id"]: png for index, png in PixelReader(store).rows(by_pack(shown))}
     tiles = []
     for row in wrong.itertuples(index=False):
-        path = paths.get(row.image_id)
-        crop = decode_png(store.read_bytes(path)) if isinstance(path, str) and path else None
+        png = pixels.get(row.image_id)
+        crop = decode_png(png) if png is not None else None
         caption = (f"{row.label} -> {row.ensemble}", f"{row.share:.0%}  {_short_name(row.image_id, row.label)}")
         tiles.append(_tile(crop, caption))
     tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % COLUMNS)

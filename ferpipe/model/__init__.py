@@ -2,6 +2,8 @@
 
 Training runs in *phases* (landmarks, head, finetune; the baseline's single
 phase is direct), never called stages: a stage is one of the pipeline's seven.
-`export` fuses the five members into one graph; `complexity` counts as the
-paper does. Imports `ferpipe.data`, `ferpipe.preprocess` (PNG decoding) and the base modules.
+`examples` reads a fold side's crops (all at once, or on demand from their
+packs), `stream` turns them into shuffled, augmented, prefetched batches in
+bounded memory; `export` fuses the five members into one graph; `complexity`
+counts as the paper does. Imports `ferpipe.data`, `ferpipe.preprocess` (PNG decoding) and the base modules.
 """

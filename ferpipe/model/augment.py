@@ -25,10 +25,10 @@ points, the one losing fewest is kept and its points are clipped to [0, 1].
 Redrawing biases the transforms slightly towards small ones, which is what a
 face crop allows anyway. All returned points are clipped to [0, 1].
 
-Training draws afresh every epoch through `BatchStream`, seeded by (member,
-phase, epoch, batch); stage 5 records the settings and seed and pictures the
-draws (crossval.fold_dataset). This module is numpy + OpenCV only, so the
-stage-5 component stays light.
+Training draws afresh every epoch through `stream.BatchStream`, seeded by
+(member, phase, epoch, batch); stage 5 records the settings and seed and
+pictures the draws (crossval.fold_dataset). This module is numpy + OpenCV
+only, so the stage-5 component stays light.
 """
 
 from __future__ import annotations
@@ -164,46 +164,3 @@ def member_seed(seed: int, position: int) -> int:
 def stream_seed(member: int, phase_index: int) -> int:
     """The seed of a member's batches in its phase number `phase_index` (0 first): what training draws."""
     return member * 16 + phase_index
-
-
-class BatchStream:
-    """Shuffled, freshly augmented batches, one pass per epoch, reproducible from (seed, epoch, batch).
-
-    Every batch is full: the last one is topped up from the start of the
-    epoch's order. One batch shape means one traced training function; a
-    ragged last batch costs a second trace, seconds on a CPU.
-
-    `targets(points, rows)` returns what the network should predict for the
-    batch: the augmented points of a part for landmark regression, or the
-    rows' one-hot labels for classification. A batch is a function of
-    (seed, epoch, index) alone, so a resumed run sees the batches an
-    uninterrupted one would.
-    """
-
-    def __init__(self, images, points, targets, batch_size=32, seed=0, settings: AugmentSettings | None = AugmentSettings()):
-        self.images = images
-        self.points = points
-        self.targets = targets
-        self.batch_size = batch_size
-        self.seed = seed
-        self.settings = settings
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The rows of an epoch's batches, in order: a permutation, cyclically extended to full batches."""
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-        return np.resize(permutation, len(self) * self.batch_size)
-
-    def draw(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A batch as pixels: (uint8 images, their moved points, the rows they came from)."""
-        rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        images, points = self.images[rows], self.points[rows]
-        if self.settings is not None:
-            images, points = augment_batch(images, points, np.random.default_rng([self.seed, epoch, index]), self.settings)
-        return images, points, rows
-
-    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        images, points, rows = self.draw(epoch, index)
-        return to_network_input(images), self.targets(points, rows)

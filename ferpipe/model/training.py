@@ -41,8 +41,8 @@ import tensorflow as tf
 
 from ferpipe.data.parts import ENSEMBLE_PARTS, part_outputs, part_slice
 from ferpipe.data.storage import Store, atomic_path, atomic_write
-from ferpipe.model.augment import BatchStream, member_seed, stream_seed, to_network_input
-from ferpipe.model.examples import Examples
+from ferpipe.model.augment import member_seed, stream_seed, to_network_input
+from ferpipe.model.examples import Examples, ExampleSet
 from ferpipe.model.networks import (
     build_classification_head,
     build_extractor,
@@ -54,6 +54,7 @@ from ferpipe.model.networks import (
     infer_compiled,
 )
 from ferpipe.model.profiles import NETWORK_TYPES, Profile
+from ferpipe.model.stream import BatchStream, Targets, chunk_size, fitting
 
 PHASES = {"baseline": ("direct",), "ftl": ("landmarks", "head", "finetune"), "el": ("landmarks", "head", "finetune")}
 STATE_FILE = "state.json"
@@ -135,14 +136,30 @@ def _load_snapshot(model: keras.Model, path: Path) -> None:
             variable.assign(arrays[f"o{i}"])
 
 
-def _validate(model: keras.Model, phase: str, inputs: np.ndarray, targets: np.ndarray, batch_size: int) -> dict:
-    """Validation loss (and accuracy) computed eagerly, as Keras' val_loss would be.
+class _Validation:
+    """A phase's validation side, put through the network a chunk at a time (from memory when it fits
+    the stream's buffer, read again from its packs each epoch when it does not): only a chunk is ever in
+    network form, 80 MB at 160 px. The chunks are whole batches, so the outputs are the ones a single
+    pass over every image gives."""
 
-    Keras' own validation would trace a test function every time a workbench
-    model is fitted again; the predict step traced once per workbench model
-    serves every member and epoch.
+    def __init__(self, val: Examples | ExampleSet, targets: Targets, batch_size: int):
+        self.val, self.targets, self.batch_size = val, targets, batch_size
+
+    def evaluate(self, model: keras.Model, phase: str) -> dict:
+        outputs, targets = [], []
+        for chunk in self.val.chunks(chunk_size(self.batch_size)):
+            outputs.append(infer_compiled(model, to_network_input(chunk.images), self.batch_size))
+            targets.append(self.targets(chunk.points, chunk.labels))
+        return _losses(phase, np.concatenate(outputs), np.concatenate(targets))
+
+
+def _losses(phase: str, outputs: np.ndarray, targets: np.ndarray) -> dict:
+    """Validation loss (and accuracy) from the network's outputs, as Keras' val_loss would be.
+
+    Computed here rather than by Keras' own validation, which would trace a test
+    function every time a workbench model is fitted again; the predict step traced
+    once per workbench model serves every member and epoch.
     """
-    outputs = infer_compiled(model, inputs, batch_size)
     if phase == "landmarks":
         return {"val_loss": float(np.mean(np.abs(outputs - targets)))}
     probabilities = np.clip(outputs, 1e-7, 1 - 1e-7)
@@ -153,7 +170,8 @@ def _validate(model: keras.Model, phase: str, inputs: np.ndarray, targets: np.nd
 
 
 def _train_epoch(model: keras.Model, stream: BatchStream, epoch: int) -> dict:
-    """One pass over the stream's batches for `epoch`; the mean of each batch's loss (and accuracy).
+    """One pass over the stream's batches for `epoch` (prepared ahead in the stream's thread); the mean of
+    each batch's loss (and accuracy).
 
     A loop of `train_on_batch` rather than `model.fit`: fit feeds a Python
     dataset through tf.data's generator op, which halves the steps per second
@@ -165,7 +183,7 @@ def _train_epoch(model: keras.Model, stream: BatchStream, epoch: int) -> dict:
         # Keras turns each batch's logs into numbers with np.array(tensor), which numpy 2 answers with a
         # DeprecationWarning about the copy keyword, once per batch.
         warnings.simplefilter("ignore", DeprecationWarning)
-        rows = [model.train_on_batch(*stream.batch(epoch, index), return_dict=True) for index in range(len(stream))]
+        rows = [model.train_on_batch(inputs, targets, return_dict=True) for inputs, targets in stream.batches(epoch)]
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
@@ -214,7 +232,7 @@ def _end_epoch(run: "_Run", phase: str, epochs: int, epoch: int, logs: dict, sec
     if reference is not None:
         refresh_batch_statistics(model, reference)
     if validation is not None:
-        logs.update(_validate(model, phase, *validation, run.profile.batch_size))
+        logs.update(validation.evaluate(model, phase))
     value = logs[monitor]
     if value < state["best"]:
         state["best"], state["wait"] = value, 0
@@ -295,7 +313,8 @@ class _Run:
         self.save_state()
 
 
-def _fingerprint(member: Member, profile: Profile, train: Examples, val: Examples | None) -> dict:
+def _fingerprint(member: Member, profile: Profile, train: Examples | ExampleSet,
+                 val: Examples | ExampleSet | None) -> dict:
     return {
         "member": asdict(member),
         "profile": json.loads(json.dumps(asdict(profile))),
@@ -373,35 +392,32 @@ def _phase_rate(phase: str, profile: Profile) -> float:
 MEAN_SHAPE_KERNEL_SCALE = 0.01
 
 
-def start_at_mean_shape(head_weights: list, points: np.ndarray) -> list:
-    """A landmark head's initial weights whose output is (nearly) the mean of `points` (N, P, 2)."""
+def start_at_mean_shape(head_weights: list, mean_points: np.ndarray) -> list:
+    """A landmark head's initial weights whose output is (nearly) `mean_points` (P, 2), the training mean."""
     *hidden, kernel, bias = head_weights
-    mean = points.reshape(len(points), -1).mean(axis=0) if len(points) else np.full(bias.shape, 0.5)
-    return [*hidden, kernel * MEAN_SHAPE_KERNEL_SCALE, mean.astype(bias.dtype)]
+    return [*hidden, kernel * MEAN_SHAPE_KERNEL_SCALE, mean_points.reshape(-1).astype(bias.dtype)]
 
 
-def _targets(phase: str, member: Member, examples: Examples) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def _targets(phase: str, member: Member, classes: int) -> Targets:
     if phase == "landmarks":
         points = part_slice(member.part)
-        return lambda moved, rows: moved[:, points].reshape(len(rows), -1)
-    one_hot = examples.one_hot()
-    return lambda moved, rows: one_hot[rows]
+        return lambda moved, labels: moved[:, points].reshape(len(labels), -1)
+    one_hot = np.eye(classes, dtype=np.float32)
+    return lambda moved, labels: one_hot[labels]
 
 
-def _fit_phase(run: _Run, phase: str, index: int, model: keras.Model, train: Examples, val: Examples | None) -> None:
+def _fit_phase(run: _Run, phase: str, index: int, model: keras.Model, train: Examples | ExampleSet,
+               val: Examples | ExampleSet | None) -> None:
     profile, member = run.profile, run.member
     epochs = profile.epochs(phase)
-    stream = BatchStream(
-        train.images, train.points, _targets(phase, member, train), profile.batch_size,
-        seed=stream_seed(member.seed, index), settings=profile.augment,
-    )
-    validation = None
-    if val is not None and len(val):
-        validation = (to_network_input(val.images), _targets(phase, member, val)(val.points, np.arange(len(val))))
+    targets = _targets(phase, member, len(train.classes))
+    stream = BatchStream(train, targets, profile.batch_size, seed=stream_seed(member.seed, index),
+                         settings=profile.augment)
+    validation = _Validation(val, targets, profile.batch_size) if val is not None and len(val) else None
     reference = None
     if phase != "head":  # the head phase trains on a frozen extractor, whose statistics stay as they are
         rows = np.random.default_rng(stream.seed).permutation(len(train))[:PRECISE_BN_IMAGES]
-        reference = to_network_input(train.images[np.sort(rows)])
+        reference = to_network_input(train.take(np.sort(rows)).images)
     resumed = run.state["epoch"]
     if resumed:
         _load_snapshot(model, run.path(f"{phase}.last.npz"))
@@ -422,8 +438,8 @@ def _fit_phase(run: _Run, phase: str, index: int, model: keras.Model, train: Exa
 
 def train_member(
     member: Member,
-    train: Examples,
-    val: Examples | None,
+    train: Examples | ExampleSet,
+    val: Examples | ExampleSet | None,
     profile: Profile,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: Progress = log_progress,
@@ -435,7 +451,9 @@ def train_member(
     `mirror` keeps a copy of the checkpoint in a store after every epoch (and
     fills an empty `checkpoint_dir` from it): how a task survives losing its pod.
 
-    `train` and `val` must be at `profile.input_size`. Returns the sub-network
+    `train` and `val` must be at `profile.input_size`: in memory, or as rows whose crops stream from
+    their packs (ferpipe.model.stream: a side that fits its buffer is read into memory once, here, and
+    anything bigger streams, so memory does not grow with the data). Returns the sub-network
     (a model of its own) with the best weights of its last phase, and one
     history row per epoch. `on_epoch` hears each epoch's row once its checkpoint is written.
     """
@@ -444,6 +462,7 @@ def train_member(
     if checkpoint_dir is None:
         with tempfile.TemporaryDirectory(prefix="ferpipe-member-") as scratch:
             return train_member(member, train, val, profile, scratch, progress, mirror, on_epoch)
+    train, val = fitting(train), (fitting(val) if val is not None else None)
     run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress, mirror,
                on_epoch)
     classes = len(train.classes)
@@ -466,7 +485,7 @@ def train_member(
         if phase == "landmarks":
             model = bench.model(phase, part_outputs(member.part))
             head = build_landmark_head(part_outputs(member.part), seed=head_seed).get_weights()
-            head_weights = start_at_mean_shape(head, train.points[:, part_slice(member.part)])
+            head_weights = start_at_mean_shape(head, train.mean_points()[part_slice(member.part)])
         else:
             model = bench.model(phase)
             if phase != "finetune":  # finetune keeps the head the head phase trained

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ferpipe.data.manifest import OK
+from ferpipe.data.packs import PixelReader, by_pack
 from ferpipe.data.parts import PARTS
 from ferpipe.data.storage import Store
 from ferpipe.preprocess import imaging, landmarks
@@ -35,8 +36,9 @@ def landmark_sheet(manifest: pd.DataFrame, store: Store, columns: int = 6, rows:
     """A grid of the first ok faces with landmarks, labelled with class and subject."""
     chosen = manifest[manifest["status"] == OK].head(columns * rows)
     tiles = []
+    pixels = dict(PixelReader(store).rows(by_pack(chosen)))
     for row in chosen.itertuples():
-        crop = imaging.decode_png(store.read_bytes(row.image_path))
+        crop = imaging.decode_png(pixels[row.Index])
         tile = draw_landmarks(crop, landmarks.unflatten(row.landmarks))
         cv2.putText(tile, f"{row.label} {row.subject}"[:24], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
                     (255, 255, 255), 1, cv2.LINE_AA)
