@@ -100,6 +100,22 @@ def hostile_run(hostile, tmp_path_factory):
     return manifest, out, time.perf_counter() - started
 
 
+def test_the_dags_shard_tasks_take_the_same_hostile_folder(hostile, tmp_path):
+    """Planned into shards and read by the shard tasks, every hostile file gets the row stage 1 gives it
+    when one process reads the whole folder: no crash on a dangling link, a FIFO or a name that is not UTF-8."""
+    from ferpipe.preprocess import sharded
+
+    root, _, offered = hostile
+    work = str(tmp_path / "work")
+    planned, items = sharded.plan("folder", str(root), work, str(tmp_path / "plan"), shard_size=8)
+    assert len(planned) == offered and len(items) > 1
+    shards = pd.concat([sharded.ingest_shard(item, str(root), work, str(tmp_path / item.split("-")[0]), workers=1)
+                        for item in items])
+    whole = pp.ingest("folder", str(root), str(tmp_path / "whole"), workers=1)
+    assert dict(zip(shards["source"], shards["status"])) == dict(zip(whole["source"], whole["status"]))
+    assert dict(zip(shards["source"], shards["sha256"])) == dict(zip(whole["source"], whole["sha256"]))
+
+
 def row(manifest: pd.DataFrame, root: Path, name: bytes) -> pd.Series:
     source = f"{root}/{name.decode('utf-8', 'backslashreplace')}"
     found = manifest[manifest["source"] == source]

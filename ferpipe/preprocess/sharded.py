@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict
 
 import pandas as pd
@@ -88,7 +89,7 @@ def plan(dataset: str, data: str, work_uri: str, out: str, options: DatasetOptio
     check_locations(data, out)
     source = open_source(data, options.allow_outside_links)
     offers = plan_offers(dataset, source, options, shard_size)
-    stamps = {e.key: [e.size, e.etag or e.mtime_ns] for e in source.entries()}
+    stamps = _stamps(source, [r["_key"] for r in offers.records])
     work = open_store(work_uri).child(OFFERS_DIR)
     by_shard: dict[str, list[dict]] = {}
     for record in offers.records:
@@ -98,7 +99,9 @@ def plan(dataset: str, data: str, work_uri: str, out: str, options: DatasetOptio
         item = f"{name}-{_digest([_plain(r) for r in by_shard[name]])}"
         if not work.exists(f"{item}.parquet"):  # content-addressed: the same offers are written once
             buffer = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(by_shard[name]), buffer)
+            # A file name's exact bytes: a name that is not UTF-8 is no Arrow string (read_offers undoes this).
+            rows = [{**r, "_key": os.fsencode(r["_key"])} for r in by_shard[name]]
+            pq.write_table(pa.Table.from_pylist(rows), buffer)
             work.write_bytes(f"{item}.parquet", buffer.getvalue())
         items.append(item)
     store = open_store(out)
@@ -108,6 +111,25 @@ def plan(dataset: str, data: str, work_uri: str, out: str, options: DatasetOptio
         run.staging.write_bytes(PLAN_FILE, json.dumps({"items": items, **attrs}, indent=1).encode())
         run.publish()
     return offers.manifest, items
+
+
+def _stamps(source: Store, keys: list[str]) -> dict:
+    """What the listing says of each offered file (size and ETag on S3, size and modification time
+    locally), read without opening a file: a link that leads nowhere is stamped as the link."""
+    if source.local_path() is None:
+        return {e.key: [e.size, e.etag] for e in source.entries()}
+    stamps = {}
+    for key in keys:
+        path = source.local_path(key)
+        try:
+            found = path.stat()
+        except OSError:
+            try:
+                found = path.lstat()
+            except OSError:  # not there at all (the adapter said so): no stamp
+                continue
+        stamps[key] = [found.st_size, found.st_mtime_ns]
+    return stamps
 
 
 def _plain(record: dict) -> dict:
@@ -129,7 +151,7 @@ def read_offers(work_uri: str, item: str) -> list[dict]:
     except FileNotFoundError:
         raise UserError(f"the offers of shard {item} are not under {store.uri}: the shard plan was answered by "
                         "KFP's cache but its files are gone; run again with caching off") from None
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+    return [{**r, "_key": os.fsdecode(r["_key"])} for r in pq.read_table(io.BytesIO(data)).to_pylist()]
 
 
 # ----------------------------------------------------------------------------------------- one shard
