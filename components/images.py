@@ -2,7 +2,7 @@
 
 An image's tag carries the identity of what goes into it: the package
 version and a hash of the files its Dockerfile copies (the package sources,
-the lock file, the dependency script, the Dockerfile itself). KFP's cache keys
+the image's hashed lock, the Dockerfile itself). KFP's cache keys
 on the image string, and nodes cache images by tag, so a rebuilt image under
 an old tag would hand back stale results; a new tag per content cannot. A git
 commit id could not serve: the committed YAML would have to name the commit
@@ -22,8 +22,8 @@ from ferpipe import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTRY = os.environ.get("FERPIPE_REGISTRY", "ghcr.io/ferpipe")
-# What the Dockerfiles COPY (besides README.md), as the .dockerignore allowlist admits it.
-IMAGE_INPUTS = ("pyproject.toml", "requirements.lock", "docker/deps.py", "ferpipe", "components", "pipelines")
+# What both Dockerfiles COPY (besides README.md and their own lock), as the .dockerignore allowlist admits it.
+IMAGE_INPUTS = ("pyproject.toml", "docker/trim.sh", "ferpipe", "components", "pipelines")
 SKIPPED = re.compile(r"(__pycache__|\.pyc$|\.egg-info|\.pytest_cache|\.db$|\.env$|pipelines/ferpipe\.yaml$)")
 # Files that name our images by their full reference, rewritten by `make compile`.
 REFERENCING_FILES = ("k8s/base/mlflow.yaml", "k8s/overlays/gpu-pool/gpu-check.yaml", "docker/README.md")
@@ -33,7 +33,7 @@ IMAGE_REFERENCE = re.compile(r"(?P<name>[\w.\-/]+/ferpipe-(?P<kind>cpu|gpu)):[\w
 def content_hash(kind: str, root: Path = REPO) -> str:
     """A hash of every file that goes into the `kind` image (cpu or gpu), names included."""
     digest = hashlib.sha256()
-    files = [root / "docker" / f"{kind}.Dockerfile"]
+    files = [root / "docker" / f"{kind}.Dockerfile", root / "docker" / f"{kind}.lock"]
     for entry in IMAGE_INPUTS:
         path = root / entry
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

@@ -115,8 +115,10 @@ def test_dockerfile_rules(dockerfile):
         if keyword in ("ENV", "ARG"):
             assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", args, re.I), f"{keyword} {args}"
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")
-    assert "-c requirements.lock" in runs, "install must be constrained by the lock"
-    assert "--no-deps ." in runs
+    kind = dockerfile.name.split(".")[0]
+    assert f"--require-hashes --no-deps -r {kind}.lock" in runs, "every package must come pinned and hashed"
+    assert "--no-deps --no-build-isolation ." in runs, "ferpipe itself is built from the hashed packages alone"
+    assert re.search(rf"COPY docker/{kind}\.lock ", " ".join(f"{k} {a}" for k, a in steps)), "its own lock"
 
 
 def load_deps_module():
@@ -138,10 +140,48 @@ def test_gpu_image_swaps_tensorflow_cpu_for_cuda():
     specifier = next(r for r in cpu if deps._name(r) == "tensorflow-cpu")[len("tensorflow-cpu"):]
     expected = f"=={pinned}" if pinned else specifier
     assert cuda == "tensorflow[and-cuda]" + expected
-    assert len(cpu) == len(gpu)
-    gpu_runs = " ".join(a for k, a in instructions(REPO / "docker/gpu.Dockerfile") if k == "RUN")
-    cpu_runs = " ".join(a for k, a in instructions(REPO / "docker/cpu.Dockerfile") if k == "RUN")
-    assert "deps.py --gpu" in gpu_runs and "--gpu" not in cpu_runs
+    assert len(gpu) == len(cpu) - len(deps.STAGES_1_TO_4_ONLY)
+    assert not {deps._name(r) for r in gpu} & set(deps.STAGES_1_TO_4_ONLY)
+    # The locks the images install: the CPU wheel in one, the CUDA build and its CUDA wheels in the other.
+    cpu_lock, gpu_lock = image_lock("cpu"), image_lock("gpu")
+    assert cpu_lock["tensorflow-cpu"]["version"] == gpu_lock["tensorflow"]["version"] == pinned
+    assert "tensorflow" not in cpu_lock and "tensorflow-cpu" not in gpu_lock
+    assert not any(name.startswith("nvidia-") for name in cpu_lock)
+    assert {"nvidia-cudnn-cu12", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12"} <= set(gpu_lock)
+
+
+def image_lock(kind: str) -> dict[str, dict]:
+    """docker/<kind>.lock as {name: {version, hashes}} (pip's hash-checking requirements format)."""
+    deps = load_deps_module()
+    entries, current = {}, None
+    for line in (REPO / "docker" / f"{kind}.lock").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--hash=sha256:"):
+            entries[current]["hashes"].append(line.split(":", 1)[1].rstrip(" \\"))
+        else:
+            name, _, version = line.rstrip(" \\").partition("==")
+            current = deps._name(name)
+            entries[current] = {"version": version.split(";")[0].strip(), "hashes": []}
+    return entries
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_the_image_locks_pin_and_hash_every_package_at_the_venvs_versions(kind):
+    deps = load_deps_module()
+    lock = image_lock(kind)
+    venv = {deps._name(line): line.split("==", 1)[1].strip() for line in
+            (REPO / "requirements.lock").read_text().splitlines() if "==" in line and not line.startswith("#")}
+    for name, entry in lock.items():
+        assert entry["version"] and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in entry["hashes"]), name
+        assert entry["hashes"], f"{name} has no hash: pip --require-hashes would refuse the whole lock"
+        if name in venv:
+            assert entry["version"] == venv[name], f"{kind}.lock has {name} {entry['version']}, .venv {venv[name]}"
+    # Everything pyproject asks for is in it (rerun `make lock` after changing pyproject.toml).
+    wanted = deps.requirements(REPO / "pyproject.toml", gpu=kind == "gpu", lock=REPO / "requirements.lock")
+    missing = {deps._name(r) for r in wanted} - set(lock)
+    assert not missing, f"docker/{kind}.lock lacks {sorted(missing)}: run `make lock`"
 
 
 def test_dockerignore_is_an_allowlist_covering_every_copy():
