@@ -31,6 +31,7 @@ from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
 from ferpipe.preprocess.detection import FALLBACKS, DetectionSettings
 from ferpipe.preprocess.imaging import ClaheSettings
 from ferpipe.preprocess.landmarks import LANDMARK_SOURCES, LandmarkSettings
+from pipelines.containers import RUNNERS
 
 log = logging.getLogger("ferpipe.cli")
 
@@ -235,7 +236,7 @@ def _demo_data(args) -> None:
 def _run(args) -> None:
     from pipelines.local_run import run_locally, show_outcome
 
-    show_outcome(run_locally(args.out, pipeline_arguments(args)))
+    show_outcome(run_locally(args.out, pipeline_arguments(args), args.runner))
 
 
 def _compile(args) -> None:
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common], help="run the whole pipeline on this machine (KFP's local runner)")
     _pipeline_options(run, local=True)
     run.add_argument("--out", default="runs/latest", help="where artifacts, results, logs and mlflow.db go")
+    run.add_argument("--runner", default="subprocess", choices=RUNNERS,
+                     help="subprocess: every task a process of this Python; container: every task in its image "
+                          "(`make images` first), through Docker or Podman, as on a cluster (%(default)s)")
     run.set_defaults(handler=_run)
 
     comp = commands.add_parser("compile", parents=[common], help="write the pipeline's IR YAML for the Kubeflow UI")

@@ -20,6 +20,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ from ferpipe.console import progress_bar
 from ferpipe.data.datasets import DATASETS, open_source
 from ferpipe.errors import UserError
 from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from pipelines.containers import RUNNERS, container_tasks
 
 LOCAL_FOLD_PARALLELISM = 2
 # TensorFlow's and OpenMP's thread pools, per task. Each task would otherwise size its pools to every core,
@@ -186,6 +188,11 @@ class LiveView:
         os.dup2(write, 1)
         os.dup2(write, 2)
         os.close(write)
+        # Python's own prints reach fds 1 and 2 only while sys.stdout/stderr write there; a host (pytest,
+        # a notebook) may have replaced them, and the runner's task lines would bypass the view and the log.
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
         self.reader = threading.Thread(target=self._follow, args=(read,), daemon=True)
         self.bar = progress_bar(total=self._total(), file=self.console, unit="task", bar_format=(
             "{desc} {n_fmt}/{total_fmt} tasks [{elapsed}<{remaining}] {postfix}"), desc="ferpipe run")
@@ -196,6 +203,7 @@ class LiveView:
     def __exit__(self, *exc) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        sys.stdout, sys.stderr = self.streams
         os.dup2(self.saved[0], 1)  # the pipe's last writer goes: the reader sees its end
         os.dup2(self.saved[1], 2)
         for fd in self.saved:
@@ -268,8 +276,14 @@ class LiveView:
                   f"  ({folds})", file=self.console, flush=True)
 
 
-def run_locally(out: str | Path, arguments: dict) -> LocalRun:
-    """Run the DAG with `arguments` (its parameters: data_uri, dataset, network, profile, ...) under OUT."""
+def run_locally(out: str | Path, arguments: dict, runner: str = "subprocess") -> LocalRun:
+    """Run the DAG with `arguments` (its parameters: data_uri, dataset, network, profile, ...) under OUT.
+
+    `runner` subprocess: each task is a process of this Python (.venv). container: each task runs in the
+    image the compiled DAG names for it, through Docker or Podman (pipelines/containers.py).
+    """
+    if runner not in RUNNERS:
+        raise UserError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
     dataset, network, profile = arguments["dataset"], arguments.get("network", "el"), arguments.get("profile", "demo")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -300,19 +314,24 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     arguments.setdefault("mlflow_uri", default_mlflow_uri(out))
     arguments.setdefault("cache_uri", str(out / "cache"))
     arguments.setdefault("work_uri", str(out / "work"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    local.init(runner=local.DockerRunner() if runner == "container" else local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(root), raise_on_error=False)
     ferpipe_pipeline = build_pipeline(fold_parallelism=LOCAL_FOLD_PARALLELISM)
+    # Paths tasks read but never write: inside containers they are mounted read-only at the same place.
+    read_only = [Path(arguments[key]) for key in ("data_uri", "subject_meta_uri")
+                 if arguments.get(key) and not str(arguments[key]).startswith("s3://")]
     # Tasks write relative paths (MLflow's default artifact root) under OUT, not wherever this was started.
     cwd = os.getcwd()
     os.chdir(out)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # KFP's local runner swaps builtins.print for an indenting one while a task streams its log, and with
     # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
     original_print = builtins.print
     try:
-        with TaskThreads() as threads, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
-                                                bool(arguments.get("final_model", True)),
-                                                after_folds=threads.one_at_a_time) as view:
+        with (container_tasks(out, ferpipe_pipeline, read_only) if runner == "container" else nullcontext()), \
+                TaskThreads() as threads, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
+                                                   bool(arguments.get("final_model", True)),
+                                                   after_folds=threads.one_at_a_time) as view:
             task = ferpipe_pipeline(**arguments)
     finally:
         os.chdir(cwd)
@@ -321,11 +340,12 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     if view.failed:
         raise UserError(f"task {view.failed[0]} failed; its log is in {log}")
     reports = newest_output(root, "aggregation", "reports")
-    run_dir = reports.parents[1] if reports is not None else None
+    if reports is None or reports.stat().st_mtime < started_at:
+        raise UserError(f"the pipeline stopped before its results (a task failed); every task's log is in {log}")
+    run_dir = reports.parents[1]
     results = out / "results"
-    if reports is not None:
-        shutil.rmtree(results, ignore_errors=True)
-        shutil.copytree(reports, results)
+    shutil.rmtree(results, ignore_errors=True)
+    shutil.copytree(reports, results)
     return LocalRun(out, run_dir, results, arguments["mlflow_uri"], task.output, seconds, log)
 
 

@@ -6,21 +6,19 @@ import pytest
 from mlflow import MlflowClient
 
 from ferpipe.data.parts import ENSEMBLE_PARTS
-from ferpipe.demo.synthetic import make_demo_dataset
 from pipelines.local_run import run_locally
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), subjects=3, per_expression=1)
+def demo(smoke_demo):
+    return smoke_demo
 
 
 @pytest.fixture(scope="module")
-def first_run(demo, tmp_path_factory):
-    return run_locally(tmp_path_factory.mktemp("run"), dict(
-        data_uri=str(demo), dataset="jaffe", network="el", profile="smoke", max_folds=2))
+def first_run(smoke_run):
+    return smoke_run
 
 
 def runs_of(uri: str):
