@@ -523,6 +523,7 @@ def test_the_auth_app_reads_its_settings_from_the_mounted_config_and_keeps_users
     assert mlflow["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"], "the users live beside the runs, in PostgreSQL"
     assert mlflow["default_permission"] in ("READ", "NO_PERMISSIONS")
     assert "admin_password" not in mlflow and "admin_username" not in mlflow, "the admin comes from the Secret"
+    assert int(mlflow["auth_cache_ttl_seconds"]) > 0, "without the cache every request costs a scrypt check"
 
 
 def test_postgres_keeps_its_data_on_a_claimed_volume(base):
