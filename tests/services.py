@@ -172,18 +172,47 @@ def postgres(workdir: Path, database: str = "mlflow"):
         server.cleanup()
 
 
+# Runs a command with the whole filesystem read-only but two fresh tmpfs, $TMPDIR and $HOME: what a container
+# with readOnlyRootFilesystem and two emptyDirs gets. In a private mount namespace, so nothing changes outside
+# it; as root a plain one (the process keeps reaching sockets of other users, e.g. pgserver's PostgreSQL),
+# otherwise inside an unprivileged user namespace.
+READ_ONLY_ROOT = ('mount -o remount,bind,ro / && mount -t tmpfs -o size=512m tmpfs "$TMPDIR" '
+                  '&& mount -t tmpfs -o size=64m tmpfs "$HOME" && cd "$HOME" && exec "$@"')
+
+
+def read_only_root_works() -> bool:
+    """Whether this machine lets a process make its own read-only view of / (user namespaces allowed)."""
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run([*_private_mounts(), "sh", "-c",
+                            "mount -o remount,bind,ro / && ! touch /.ferpipe-ro-probe 2>/dev/null"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def _private_mounts() -> list[str]:
+    own_user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *own_user, "--mount", "--propagation", "private"]
+
+
 @contextmanager
 def mlflow_server(workdir: Path, artifacts: str, env: dict[str, str] | None = None, backend: str = "",
-                  workers: int = 1, app_name: str = ""):
+                  workers: int = 1, app_name: str = "", read_only_root: bool = False):
     """A real MLflow tracking server on `backend` (default: SQLite in workdir), its artifacts proxied to
     `artifacts` (e.g. s3://mlflow), so clients need only its URI. `app_name="basic-auth"` turns on
-    MLflow's authentication (configured by MLFLOW_AUTH_* in `env`)."""
+    MLflow's authentication (configured by MLFLOW_AUTH_* in `env`). `read_only_root`: the server sees
+    every file read-only except an empty $TMPDIR and $HOME, as k8s/base/mlflow.yaml runs it."""
     port = free_ports(1)[0]
     log = workdir / "mlflow.log"
     server_env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     args = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
             "--backend-store-uri", backend or f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", artifacts]
     args += ["--app-name", app_name] if app_name else []
+    if read_only_root:
+        for name in ("scratch", "home"):
+            (workdir / name).mkdir(exist_ok=True)
+        server_env.update(TMPDIR=str(workdir / "scratch"), HOME=str(workdir / "home"))
+        args = [*_private_mounts(), "sh", "-c", READ_ONLY_ROOT, "sh", *args]
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=server_env,
                                    start_new_session=True)

@@ -7,7 +7,9 @@
 - MLflow: `mlflow server --app-name basic-auth` with the committed k8s/base/mlflow-auth.ini
   (users in the same PostgreSQL as the runs), its artifacts proxied to S3 with the MLflow
   server's own user. Anonymous requests get 401; the pipeline's tracking code logs with
-  the credentials a task gets from its Secret; a reader cannot move `champion`.
+  the credentials a task gets from its Secret; a reader cannot move `champion`. The server
+  runs on a read-only root with two empty scratch folders, as readOnlyRootFilesystem and
+  the Deployment's emptyDirs give it, wherever the machine allows user namespaces.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from services import S3User, mlflow_server, postgres, seaweed_actions, seaweedfs
+from services import S3User, mlflow_server, postgres, read_only_root_works, seaweed_actions, seaweedfs
 from test_mlflow_service import HISTORY, fold_dir, member_summary, trained_member_dir
 
 from components.images import STORAGE_SECRET_KEYS, TASK_ENVIRONMENT, TRACKING_SECRET_KEYS
@@ -96,6 +98,35 @@ def test_each_s3_user_works_in_its_bucket_and_is_refused_in_the_other(s3, monkey
 
 
 ADMIN = "admin"
+READ_ONLY = read_only_root_works()
+
+
+def server_processes(uri: str) -> list[int]:
+    """The pids serving `uri` (read from /proc; nothing is signalled)."""
+    port = uri.rsplit(":", 1)[1]
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mlflow" in b" ".join(argv) and port.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_server_runs_on_a_read_only_root(tracking):
+    if not READ_ONLY:
+        pytest.skip("this machine allows no user namespace (unshare -r): the server ran on a writable root")
+    uri, _, _ = tracking
+    pids = server_processes(uri)
+    assert pids
+    for pid in pids:
+        mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        root = next(line.split() for line in mounts if line.split()[4] == "/")
+        if "ro" in root[5].split(","):
+            return
+    pytest.fail(f"no process of the server at {uri} sees / read-only")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +148,7 @@ def tracking(s3, tmp_path_factory):
                "MLFLOW_AUTH_CONFIG_PATH": str(work / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
                "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
         with mlflow_server(work, "s3://mlflow/artifacts", env=env, backend=database, workers=2,
-                           app_name="basic-auth") as uri:
+                           app_name="basic-auth", read_only_root=READ_ONLY) as uri:
             yield uri, admin_password, server
 
 
