@@ -26,7 +26,8 @@ REGISTRY = os.environ.get("FERPIPE_REGISTRY", "ghcr.io/ferpipe")
 IMAGE_INPUTS = ("pyproject.toml", "docker/trim.sh", "ferpipe", "components", "pipelines")
 SKIPPED = re.compile(r"(__pycache__|\.pyc$|\.egg-info|\.pytest_cache|\.db$|\.env$|pipelines/ferpipe\.yaml$)")
 # Files that name our images by their full reference, rewritten by `make compile`.
-REFERENCING_FILES = ("k8s/base/mlflow.yaml", "k8s/overlays/gpu-pool/gpu-check.yaml", "docker/README.md")
+REFERENCING_FILES = ("k8s/base/mlflow.yaml", "k8s/base/users.yaml", "k8s/overlays/gpu-pool/gpu-check.yaml",
+                     "docker/README.md")
 IMAGE_REFERENCE = re.compile(r"(?P<name>[\w.\-/]+/ferpipe-(?P<kind>cpu|gpu)):[\w.\-]+")
 
 
@@ -76,9 +77,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # What a pipeline pod needs, and why:
 #   the S3 keys and FERPIPE_S3_ENDPOINT    ferpipe's own S3 data: the dataset,
 #       the caches, <work_uri>/<run id>/ (every task but the MLflow start step, which reads only params.json)
-#   the tracking URI                       a pipeline parameter (mlflow_uri), not a secret; nothing else for
-#       MLflow: the server proxies artifacts to S3 (--artifacts-destination), so MLFLOW_S3_ENDPOINT_URL is
-#       needed by the MLflow server's pod only (k8s/base/mlflow.yaml), no longer by tasks.
+#   the tracking URI                       a pipeline parameter (mlflow_uri), not a secret; and an MLflow user
+#       (TRACKING_SECRET below) for the tasks that log. The server proxies artifacts to S3
+#       (--artifacts-destination), so MLFLOW_S3_ENDPOINT_URL is needed by the MLflow server's pod only
+#       (k8s/base/mlflow.yaml), no longer by tasks.
+# The keys are the tasks' own MinIO user (the ferpipe bucket only), never MinIO's root (k8s/base/users.yaml).
 STORAGE_SECRET = "ferpipe-storage"
 STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3_ENDPOINT")
 # The names the keys take in a task's environment. Not AWS_*: KFP's launcher runs in the task's own
@@ -90,6 +93,12 @@ STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3
 TASK_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "FERPIPE_S3_ACCESS_KEY_ID",
                     "AWS_SECRET_ACCESS_KEY": "FERPIPE_S3_SECRET_ACCESS_KEY",
                     "FERPIPE_S3_ENDPOINT": "FERPIPE_S3_ENDPOINT"}
+# The pipeline's own MLflow user (the tracking server runs MLflow's basic-auth app): the Secret's keys keep
+# their names in the task's environment, where MLflow's client reads them. Only the tasks that log to MLflow
+# get it. A constant name, never a pipeline parameter: a Secret named by a parameter fails inside a loop on
+# KFP 2.5 (issue #13078), and a credential must not travel as a parameter at all.
+TRACKING_SECRET = "ferpipe-mlflow-tracking"
+TRACKING_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 if __name__ == "__main__":  # `python -m components.images cpu` prints the reference `make images` builds

@@ -34,6 +34,7 @@ from ferpipe.preprocess.landmarks import LANDMARK_SOURCES, LandmarkSettings
 from pipelines.containers import RUNNERS
 
 log = logging.getLogger("ferpipe.cli")
+MLFLOW_USER_PASSWORD = "FERPIPE_MLFLOW_USER_PASSWORD"  # `ferpipe mlflow-user` reads the new password here
 
 CLAHE, DETECTION, LANDMARKS, DATASET_OPTIONS = ClaheSettings(), DetectionSettings(), LandmarkSettings(), DatasetOptions()
 # OSErrors that the machine causes, not the code: told in one line like a UserError.
@@ -231,6 +232,18 @@ def _demo_data(args) -> None:
     log.info(f"synthetic demo data (JAFFE layout): {out}")
 
 
+def _mlflow_user(args) -> None:
+    from ferpipe.crossval.tracking import check_tracking_server, ensure_user
+
+    password = os.environ.get(MLFLOW_USER_PASSWORD, "")
+    if not password:
+        raise UserError(f"set the new user's password in {MLFLOW_USER_PASSWORD} (never a flag: it would land in "
+                        "shell history and in the pod spec)")
+    check_tracking_server(args.mlflow_uri)  # down, or the admin's credentials refused: one line
+    log.info(f"MLflow user {args.username!r} {ensure_user(args.mlflow_uri, args.username, password)} "
+             f"at {args.mlflow_uri}")
+
+
 # --- the pipeline's verbs --------------------------------------------------------------------------------------
 
 def _run(args) -> None:
@@ -314,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tracking URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI), "
                               "e.g. sqlite:///runs/demo/mlflow.db")
     predict.set_defaults(handler=_predict)
+
+    user = commands.add_parser("mlflow-user", parents=[common],
+                               help="create an MLflow user on a server with authentication, or set its password")
+    user.add_argument("username")
+    user.add_argument("--mlflow-uri", required=True, help="the tracking server, e.g. http://mlflow:5000")
+    user.epilog = (f"The password comes from ${MLFLOW_USER_PASSWORD}; the caller's own credentials, an admin's, "
+                   "from $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD.")
+    user.set_defaults(handler=_mlflow_user)
 
     demo = commands.add_parser("demo-data", parents=[common], help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
     demo.add_argument("--out", default="data/demo-synthetic")

@@ -48,6 +48,8 @@ from components.images import (
     STORAGE_SECRET,
     STORAGE_SECRET_KEYS,
     TASK_ENVIRONMENT,
+    TRACKING_SECRET,
+    TRACKING_SECRET_KEYS,
 )
 from components.input_stage import input_fingerprint, input_stage
 from components.landmark_stage import landmark_stage
@@ -81,6 +83,13 @@ def with_storage_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """Object-store credentials from the Kubernetes Secret, as environment variables; never parameters."""
     return kubernetes.use_secret_as_env(task, secret_name=STORAGE_SECRET,
                                         secret_key_to_env={key: TASK_ENVIRONMENT[key] for key in STORAGE_SECRET_KEYS})
+
+
+def logs_to_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The pipeline's MLflow user from its Kubernetes Secret, for a task that logs: the server asks every
+    request but /health for a user. Environment variables MLflow's client reads; never parameters."""
+    return kubernetes.use_secret_as_env(task, secret_name=TRACKING_SECRET,
+                                        secret_key_to_env={key: key for key in TRACKING_SECRET_KEYS})
 
 
 def on_gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -155,7 +164,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             seed: Seed for validation splits, augmentation and weights; the same seed repeats a run.
             n_folds: Folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, SFEW train/val.
             max_folds: Train only the first N folds (0 = all), for quick checks.
-            mlflow_uri: MLflow tracking server (it proxies artifacts: tasks need no S3 keys for it); empty to skip MLflow.
+            mlflow_uri: MLflow tracking server (it proxies artifacts: tasks need no S3 keys for it; they sign in as the user in the ferpipe-mlflow-tracking Secret); empty to skip MLflow.
             experiment: MLflow experiment name.
             clahe_clip_limit: CLAHE clip limit (the paper gives none; 2.0 is common).
             clahe_tile_grid: CLAHE tiles per side.
@@ -168,11 +177,12 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             final_model: After cross-validation, train the five members again on all usable subjects, export the single-graph ensemble as an MLflow pyfunc and register it as ferpipe-<dataset>-<network> (alias champion when its cross-validated accuracy is no worse).
         """
         # The MLflow parent run exists before any task that nests a run in it (the fold plan waits for it);
-        # never cached, since each KFP run has its own parent run. Needs only the tracking URI (and the data
-        # store, to tell synthetic data): the server proxies artifacts to S3.
+        # never cached, since each KFP run has its own parent run. Needs the tracking URI and the pipeline's
+        # MLflow user (and the data store, to tell synthetic data): the server proxies artifacts to S3.
         started = on_cpu_node(tracking_start(mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID,
                                              kfp_run_name=RUN_NAME, dataset=dataset, network=network, profile=profile,
                                              data_uri=data_uri, seed=seed), cpu="500m", memory="1G")
+        logs_to_mlflow(started)
         started.set_display_name("start MLflow run").set_caching_options(False)
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
@@ -196,6 +206,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                                                      cache_uri=cache_uri, work_uri=work_uri, mlflow_uri=mlflow_uri,
                                                      experiment=experiment, kfp_run_id=RUN_ID))
                 trained.set_display_name(f"train {part}")
+                logs_to_mlflow(trained)  # each epoch, live
                 if len(trainings) >= trainings_per_fold:  # a GPU budget: wait for the chain's previous task
                     trained.after(trainings[-trainings_per_fold])
                 trainings.append(trained)
@@ -205,6 +216,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                                                      work_uri=work_uri, kfp_run_id=RUN_ID, mlflow_uri=mlflow_uri,
                                                      experiment=experiment))
             predicted.set_caching_options(False)  # it must write this run's fold result under this run's id
+            logs_to_mlflow(predicted)
 
         aggregated = on_cpu_node(aggregation(
             folds=plan.outputs["Output"], network=network, profile=profile, dataset=dataset, data_uri=data_uri,
@@ -212,6 +224,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             kfp_run_id=RUN_ID, kfp_run_name=RUN_NAME, fingerprint=fingerprint.output,
             annotated=annotated.outputs["annotated"]), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
+        logs_to_mlflow(aggregated)
 
         # `== True` on a pipeline parameter compiles to the condition; `if final_model` would test a Python object.
         with dsl.If(final_model == True, name="final model"):  # noqa: E712
@@ -236,6 +249,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                 clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
                 mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID), retry=False)
             registered.set_display_name("final model")
+            logs_to_mlflow(registered)  # registers the version and moves `champion`
             registered.set_caching_options(False)  # every run registers its own version (and is not retried: once)
         return aggregated.outputs["Output"]
 
