@@ -125,3 +125,37 @@ def test_one_image_per_request_is_answered_too(server, london):
     photo = sorted((london / "neutral").glob("*.jpg"))[0]
     (answer,) = post(f"{server}/invocations", images_payload([photo.read_bytes()]))["predictions"]
     assert answer["status"] == OK and 0.999 < sum(answer[f"probability_{c}"] for c in CLASSES) < 1.001
+
+
+# --- the same answers at any load ------------------------------------------------------------------------------
+
+SAME_BATCH = 32  # real photos in one request, happy and neutral
+
+
+@pytest.fixture(scope="module")
+def same_batch(london) -> dict:
+    photos = sorted((london / "happy").glob("*.jpg"))[:SAME_BATCH // 2] + \
+        sorted((london / "neutral").glob("*.jpg"))[:SAME_BATCH // 2]
+    return images_payload([p.read_bytes() for p in photos])
+
+
+def assert_same_answers(got: list[dict], alone: list[dict], who: str) -> None:
+    assert len(got) == len(alone), who
+    for i, (answer, expected) in enumerate(zip(got, alone)):
+        assert (answer["status"], answer["expression"]) == (expected["status"], expected["expression"]), f"{who} row {i}"
+        for name in [f"probability_{c}" for c in CLASSES] + ["face_x0", "face_y0", "face_x1", "face_y1"]:
+            assert answer[name] == pytest.approx(expected[name], abs=1e-4), f"{who} row {i} {name}"
+
+
+@pytest.mark.parametrize("clients", [4, 8])
+def test_concurrent_clients_get_the_answers_one_client_gets_alone(server, same_batch, clients):
+    """MLflow's scoring server runs requests on a thread pool: shared stage tools must not mix requests up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = post(f"{server}/invocations", same_batch, timeout=120)["predictions"]
+    assert sum(a["status"] == OK for a in alone) >= SAME_BATCH - 2  # real faces, found when nobody else calls
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(lambda _: post(f"{server}/invocations", same_batch, timeout=300)["predictions"],
+                                range(clients)))
+    for k, got in enumerate(answers):
+        assert_same_answers(got, alone, f"client {k + 1} of {clients}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -135,6 +136,7 @@ def answer_rows(prepared: Sequence[Prepared], graph, classes: Sequence[str], slo
 
 
 _compiled: dict[int, object] = {}
+_compiling = threading.Lock()  # requests arrive on several threads: trace each graph once
 
 
 def compiled(graph):
@@ -145,11 +147,12 @@ def compiled(graph):
     """
     import tensorflow as tf
 
-    if id(graph) not in _compiled:
-        size = int(graph.inputs[0].shape[1])
-        _compiled[id(graph)] = tf.function(lambda images: graph(images, training=False),
-                                           input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-    return _compiled[id(graph)]
+    with _compiling:
+        if id(graph) not in _compiled:
+            size = int(graph.inputs[0].shape[1])
+            _compiled[id(graph)] = tf.function(lambda images: graph(images, training=False),
+                                               input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+        return _compiled[id(graph)]
 
 
 def read_serving_info(model_dir: str | os.PathLike) -> dict:
