@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -226,11 +227,11 @@ def main() -> None:
     if not (LONDON / "happy").is_dir():
         sys.exit(f"the London face set is not at {LONDON} (set FERPIPE_LONDON)")
     photos = sorted((LONDON / "happy").glob("*.jpg")) + sorted((LONDON / "neutral").glob("*.jpg"))
-    from ferpipe.serving.batch import resolve_model
+    from ferpipe.serving.batch import model_folder
 
-    with tempfile.TemporaryDirectory(prefix="ferpipe-bench-") as scratch:
-        model_dir = resolve_model(args.model) if args.model else build_export(Path(scratch) / "model",
-                                                                              args.input_size)
+    with tempfile.TemporaryDirectory(prefix="ferpipe-bench-") as scratch, contextlib.ExitStack() as stack:
+        model_dir = (stack.enter_context(model_folder(args.model)) if args.model
+                     else build_export(Path(scratch) / "model", args.input_size))
         print(f"{len(photos)} London photos, model {args.model or f'untrained, input {args.input_size} px'}, "
               f"load average {os.getloadavg()[0]:.2f} at the start")
         if args.predict:
