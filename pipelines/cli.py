@@ -218,7 +218,7 @@ def _predict(args) -> None:
     from ferpipe.serving.batch import predict_files
 
     if args.mlflow_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ and runs:/ URIs are looked up
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ URIs are looked up
     table = predict_files(args.model, args.input, args.out, args.annotate, args.workers)
     counts = ", ".join(f"{status} {n}" for status, n in table["status"].value_counts().items())
     pictures = f"; pictures in {args.annotate}" if args.annotate else ""
