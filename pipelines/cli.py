@@ -42,7 +42,9 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, err
                       errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.EIO}
 # MLflow's HTTP client otherwise waits 120 s per call and retries 7 times with doubling backoff.
 MLFLOW_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 # a model's download draws MLflow's own progress bars: noise around ferpipe's lines
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -218,11 +220,19 @@ def _predict(args) -> None:
     from ferpipe.serving.batch import predict_files
 
     if args.mlflow_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ and runs:/ URIs are looked up
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ URIs are looked up
     table = predict_files(args.model, args.input, args.out, args.annotate, args.workers)
     counts = ", ".join(f"{status} {n}" for status, n in table["status"].value_counts().items())
     pictures = f"; pictures in {args.annotate}" if args.annotate else ""
     log.info(f"{len(table)} images ({counts}): {args.out}{pictures}")
+
+
+def _serve(args) -> None:
+    from ferpipe.serving.server import serve
+
+    if args.mlflow_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
+    serve(args.model, args.host, args.port, args.workers, args.timeout)
 
 
 def _demo_data(args) -> None:
@@ -315,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", parents=[common], help="the final model on photos: one row per file (CSV or Parquet)")
     predict.add_argument("--model", required=True,
-                         help="models:/NAME/VERSION (or models:/NAME@champion), runs:/RUN/final-model, or a local "
-                              "export (the final model stage's `ensemble` folder)")
+                         help="models:/NAME/VERSION or models:/NAME@champion (its files checked against the hash "
+                              "recorded at registration), or a local export (the final model stage's `ensemble` folder)")
     predict.add_argument("--input", required=True, nargs="+", metavar="PATH_OR_S3_PREFIX",
                          help="image files, folders (searched recursively) or s3://bucket/prefix")
     predict.add_argument("--out", required=True, help="FILE.csv or FILE.parquet (a local path or s3://...)")
@@ -324,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write each image with its face box, landmarks and predicted label into DIR")
     predict.add_argument("--workers", type=at_least(1), default=None, help="processes for stages 1-3 (default: all cores)")
     predict.add_argument("--mlflow-uri", default=None,
-                         help="tracking URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI), "
+                         help="tracking URI for models:/ (default: $MLFLOW_TRACKING_URI), "
                               "e.g. sqlite:///runs/demo/mlflow.db")
     predict.set_defaults(handler=_predict)
 
@@ -335,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     user.epilog = (f"The password comes from ${MLFLOW_USER_PASSWORD}; the caller's own credentials, an admin's, "
                    "from $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD.")
     user.set_defaults(handler=_mlflow_user)
+
+    serve = commands.add_parser("serve", parents=[common],
+                                help="the final model over HTTP (MLflow's scoring server), its files checked first")
+    serve.add_argument("--model", required=True, help="as for predict: models:/NAME@champion, ... or a local export")
+    serve.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ (default: $MLFLOW_TRACKING_URI)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
+    serve.add_argument("--port", type=at_least(1), default=5001)
+    serve.add_argument("--workers", type=at_least(1), default=1,
+                       help="server processes, each with its own copy of the model (%(default)s; see docs/serving.md)")
+    serve.add_argument("--timeout", type=at_least(1), default=60, help="seconds before a request is answered 504")
+    serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo-data", parents=[common], help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
     demo.add_argument("--out", default="data/demo-synthetic")

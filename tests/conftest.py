@@ -71,3 +71,25 @@ def smoke_run(smoke_demo, tmp_path_factory):
 def pytest_collection_modifyitems(items):
     """Tests in the images run last: CI builds the images while everything else runs (.ci/run)."""
     items.sort(key=lambda item: item.get_closest_marker("containers") is not None)
+
+def flat_png(width: int, height: int) -> bytes:
+    """A valid gray PNG of any size, written row by row: a 7000x7000 one is ~70 KiB and never held in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    squeeze = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then black pixels
+    idat = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def ico_holding(png: bytes) -> bytes:
+    """A Windows icon whose one entry is `png` (icons may embed a PNG of any size)."""
+    import struct
+
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png

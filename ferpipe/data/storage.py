@@ -19,6 +19,9 @@ object planted in the bucket cannot make a task hold more than that in memory.
 A local store that reads a dataset is *confined*: a symlink that resolves
 outside its root is neither read nor hashed (`escapes` says which keys), and
 only regular files are read, so a link to /dev/zero or a FIFO cannot hang a run.
+Every reader of a user's local folder uses one (`confined_store`): the input
+stage, the data fingerprint, `ferpipe predict`, and the served model's paths,
+which also cap the bytes read (`max_bytes`).
 """
 
 from __future__ import annotations
@@ -146,14 +149,25 @@ class OutsideRoot(PermissionError):
     """A confined store was asked to read a key that resolves outside its root."""
 
 
-class LocalStore(Store):
-    """A folder. `confined`: reads stay inside it (symlinks out are refused) and touch regular files only."""
+class NotAFile(OSError):
+    """A confined store was asked to read a FIFO, a device, a socket or a folder."""
 
-    def __init__(self, root: str | os.PathLike, confined: bool = False, allow_outside: bool = False):
+
+class FileTooLarge(OSError):
+    """A confined store with `max_bytes` was asked to read a larger file."""
+
+
+class LocalStore(Store):
+    """A folder. `confined`: reads stay inside it (symlinks out are refused), touch regular files only, and
+    read at most `max_bytes` of one (None: no cap)."""
+
+    def __init__(self, root: str | os.PathLike, confined: bool = False, allow_outside: bool = False,
+                 max_bytes: int | None = None):
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
         self.confined = confined
         self.allow_outside = allow_outside  # the user said links out of the folder are theirs to follow
+        self.max_bytes = max_bytes
 
     def _path(self, key: str) -> Path:
         return self.root / key if key else self.root
@@ -171,9 +185,17 @@ class LocalStore(Store):
         # Opened without following a swap: the file read is the one checked, and a FIFO cannot block the open.
         fd = os.open(os.path.realpath(self._path(key)), os.O_RDONLY | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IsADirectoryError(errno.EISDIR, "not a regular file", key)
-            return handle.read()
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise NotAFile(errno.EINVAL, "not a regular file", key)
+            if self.max_bytes is None:
+                return handle.read()
+            if found.st_size > self.max_bytes:
+                raise FileTooLarge(errno.EFBIG, f"over {self.max_bytes} bytes", key)
+            data = handle.read(self.max_bytes + 1)  # a file growing while it is read is caught too
+            if len(data) > self.max_bytes:
+                raise FileTooLarge(errno.EFBIG, f"over {self.max_bytes} bytes", key)
+            return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), data)  # a killed run never leaves half a file
@@ -197,12 +219,17 @@ class LocalStore(Store):
     def entries(self, prefix: str = "") -> list[Entry]:
         found = []
         for key in self.list(prefix):
-            stat = self._path(key).stat()
-            found.append(Entry(key, stat.st_size, mtime_ns=stat.st_mtime_ns))
+            path = self._path(key)
+            try:
+                # A link this store will not follow is described by itself, not by what it points at.
+                status = path.lstat() if self.confined and not self.allow_outside and self.escapes(key) else path.stat()
+            except OSError:  # a dangling link: listed by its own status; reading it is refused
+                status = path.lstat()
+            found.append(Entry(key, status.st_size, mtime_ns=status.st_mtime_ns))
         return found
 
     def child(self, key: str) -> "LocalStore":
-        return LocalStore(self._path(key), self.confined, self.allow_outside)
+        return LocalStore(self._path(key), self.confined, self.allow_outside, self.max_bytes)
 
     def local_path(self, key: str = "") -> Path:
         return self._path(key)
@@ -450,6 +477,15 @@ def open_store(uri: "str | os.PathLike | Store") -> Store:
     if is_s3(uri):
         return S3Store(str(uri))
     return LocalStore(uri)
+
+
+def confined_store(uri: "str | os.PathLike | Store", allow_outside: bool = False,
+                   max_bytes: int | None = None) -> Store:
+    """The store to read a user's data from: a local folder confined to itself (see LocalStore), S3 as it is."""
+    store = open_store(uri)
+    if isinstance(store, LocalStore) and not store.confined:
+        store = LocalStore(store.root, confined=True, allow_outside=allow_outside, max_bytes=max_bytes)
+    return store
 
 
 def same_or_inside(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
