@@ -201,8 +201,9 @@ def _metrics_table(results: dict) -> str:
         rows.append([label, *("—" if math.isnan(v) else f"{v:.2f}" for v in values)])
     return _table([table.index.name, *table.columns], rows,
                   "Pooled over folds. Macro-F1 averages each class's F1 and balanced accuracy each class's recall, "
-                  "so a class the model never predicts pulls both down by its share, where accuracy moves only by "
-                  "that class's share of the images. Lowest, median and highest fold are fold accuracies.")
+                  "so a class the model never predicts costs both a whole class's weight (1/classes) however few "
+                  "images it has, where accuracy loses only that class's share of the images. Lowest, median and "
+                  "highest fold are fold accuracies.")
 
 
 def _confusion_section(reports: Path, results: dict) -> str:
