@@ -27,7 +27,7 @@ from ferpipe import console
 from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN
 from ferpipe.data.datasets import DATASETS, DatasetOptions
 from ferpipe.errors import UserError
-from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.model.profiles import EXPRESSIONS, NETWORK_TYPES, OPTIMISTIC, PROFILES, SELECTIONS, TEST_FOLD, VALIDATION
 from ferpipe.preprocess.detection import FALLBACKS, DetectionSettings
 from ferpipe.preprocess.imaging import ClaheSettings
 from ferpipe.preprocess.landmarks import LANDMARK_SOURCES, LandmarkSettings
@@ -121,6 +121,15 @@ def _training_options(parser, profile: str) -> None:
     group.add_argument("--profile", default=profile, choices=tuple(PROFILES),
                        help="smoke (seconds), demo (minutes on a CPU), paper (the paper's epochs; GPUs) (%(default)s)")
     group.add_argument("--seed", type=int, default=0, help="the same seed repeats a run (%(default)s)")
+    group.add_argument("--expression", default=None, choices=EXPRESSIONS,
+                       help="the expression phase after landmark pre-training: fine-tune (the head, then everything; "
+                            "the paper's text) or head-only (the head on the frozen extractor; the authors' notebook) "
+                            "(default: the profile's)")
+    group.add_argument("--selection", default=VALIDATION, choices=SELECTIONS,
+                       help="how each member's checkpoint is chosen: validation (strict: subjects drawn from the "
+                            "training side) or test-fold (also reports, from the same trainings, what the lowest loss "
+                            "on the test fold picks, as the authors' notebook did: labelled optimistic, and the "
+                            "run trains and registers no final model) (%(default)s)")
 
 
 def _pipeline_options(parser, local: bool) -> None:
@@ -155,7 +164,7 @@ def pipeline_arguments(args) -> dict:
         "clahe_clip_limit": args.clahe_clip, "clahe_tile_grid": args.clahe_tiles,
         "detection_confidence": args.confidence, "on_no_face": args.on_no_face, "landmark_source": args.landmarks,
         "subject_meta_uri": args.subjects_meta or "",
-        "final_model": args.final_model,
+        "final_model": args.final_model, "selection": args.selection, "expression": args.expression or "",
     }
     if args.mlflow_uri is not None:
         values["mlflow_uri"] = args.mlflow_uri
@@ -188,18 +197,24 @@ def _preprocess(args) -> None:
 
 def _train_eval(args) -> None:
     from ferpipe.crossval.train_eval import cross_dataset_eval, train_eval
+    from ferpipe.model.profiles import get_profile
 
     if args.test_manifest and args.only_folds is not None:
         raise UserError("--only-folds and --test-manifest exclude each other: a cross-dataset run trains on all "
                         "of --manifest")
+    if args.test_manifest and args.selection == TEST_FOLD:
+        raise UserError("--selection test-fold needs folds: a cross-dataset run (--test-manifest) has no test fold "
+                        "to choose checkpoints by")
     try:
         if args.test_manifest:
-            results = cross_dataset_eval(args.manifest, args.test_manifest, args.network, args.profile, args.out,
+            results = cross_dataset_eval(args.manifest, args.test_manifest, args.network,
+                                         get_profile(args.profile, args.dataset, args.expression), args.out,
                                          seed=args.seed, dataset=args.dataset)
             accuracy = results["accuracy"]["ensemble"]
         else:
             results = train_eval(args.manifest, args.network, args.profile, args.out, seed=args.seed,
-                                 folds=args.only_folds, dataset=args.dataset)
+                                 folds=args.only_folds, dataset=args.dataset, selection=args.selection,
+                                 expression=args.expression)
             accuracy = results["overall"]["accuracy"]["ensemble"]
     except FileNotFoundError as err:
         raise UserError(f"no manifest at {err.filename or err}") from None
@@ -259,6 +274,9 @@ def _mlflow_user(args) -> None:
 def _run(args) -> None:
     from pipelines.local_run import run_locally, show_outcome
 
+    if args.selection == TEST_FOLD and args.final_model:
+        log.info(f"selection test-fold: the run reports the strict figures and, beside them, the optimistic ones "
+                 f"({OPTIMISTIC}); it trains and registers no final model")
     show_outcome(run_locally(args.out, pipeline_arguments(args), args.runner))
 
 

@@ -24,7 +24,9 @@ the table of constructs and the release that first runs each):
 - The final model (`final_model`, on by default) starts after the aggregation, so it never runs before
   cross-validation has measured the method. It reuses the stage 5 and training components with the
   fold `ALL_SUBJECTS` (nobody held out, validation subjects drawn from everyone), as five more unrolled
-  tasks with explicit inputs; the condition is a plain `dsl.If`, run by every v2 backend.
+  tasks with explicit inputs; the condition is a plain `dsl.If`, run by every v2 backend. A second
+  `dsl.If` inside it (conditions have no `and`: nesting is KFP's way to write one) skips it under
+  `selection` test-fold: a run whose optimistic figures the test fold chose trains and registers no model.
 - Lineage stays where it can: every stage's output is an artifact the next
   task takes as input, the five models included.
 
@@ -59,6 +61,7 @@ from components.training_stage import training_stage
 from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
 from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
+from ferpipe.model.profiles import VALIDATION
 from ferpipe.preprocess.detection import DetectionSettings
 from ferpipe.preprocess.imaging import ClaheSettings
 from ferpipe.preprocess.landmarks import LandmarkSettings
@@ -153,6 +156,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         work_uri: str = "s3://ferpipe/work",
         subject_meta_uri: str = "",
         final_model: bool = True,
+        selection: str = VALIDATION,
+        expression: str = "",
     ) -> str:
         """Train and evaluate a FER ensemble on one dataset, with the dataset's own protocol.
 
@@ -175,13 +180,16 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             work_uri: Where a run's tasks share files, under <work_uri>/<KFP run id>/: training checkpoints after every epoch (a retried training task resumes from them) and each fold's result for the aggregation.
             subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
             final_model: After cross-validation, train the five members again on all usable subjects, export the single-graph ensemble as an MLflow pyfunc and register it as ferpipe-<dataset>-<network> (alias champion when its cross-validated accuracy is no worse).
+            selection: How each member's checkpoint is chosen: validation (strict: validation subjects drawn from the training side) or test-fold (also reports, from the same trainings, what choosing by the loss on the fold's test subjects gives, as the authors' notebook did; labelled "optimistic: the test fold chose the checkpoint" everywhere, and such a run trains no final model and registers nothing).
+            expression: The expression phase after landmark pre-training: fine-tune (the head, then everything: the paper's text), head-only (the head alone on the frozen extractor, the authors' notebook), or empty for the profile's own.
         """
         # The MLflow parent run exists before any task that nests a run in it (the fold plan waits for it);
         # never cached, since each KFP run has its own parent run. Needs the tracking URI and the pipeline's
         # MLflow user (and the data store, to tell synthetic data): the server proxies artifacts to S3.
         started = on_cpu_node(tracking_start(mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID,
                                              kfp_run_name=RUN_NAME, dataset=dataset, network=network, profile=profile,
-                                             data_uri=data_uri, seed=seed), cpu="500m", memory="1G")
+                                             data_uri=data_uri, seed=seed, selection=selection, expression=expression),
+                              cpu="500m", memory="1G")
         logs_to_mlflow(started)
         started.set_display_name("start MLflow run").set_caching_options(False)
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
@@ -198,7 +206,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
 
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism) as fold:
             augmented = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=fold,
-                                                       profile=profile, dataset=dataset, seed=seed))
+                                                       profile=profile, dataset=dataset, seed=seed,
+                                                       selection=selection, expression=expression))
             models, trainings = {}, []
             for part in ENSEMBLE_PARTS:
                 trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
@@ -222,35 +231,37 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             folds=plan.outputs["Output"], network=network, profile=profile, dataset=dataset, data_uri=data_uri,
             seed=seed, mlflow_uri=mlflow_uri, experiment=experiment, work_uri=work_uri,
             kfp_run_id=RUN_ID, kfp_run_name=RUN_NAME, fingerprint=fingerprint.output,
-            annotated=annotated.outputs["annotated"]), retry=False).after(predicted)
+            annotated=annotated.outputs["annotated"], expression=expression), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
         logs_to_mlflow(aggregated)
 
         # `== True` on a pipeline parameter compiles to the condition; `if final_model` would test a Python object.
         with dsl.If(final_model == True, name="final model"):  # noqa: E712
-            everyone = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=ALL_SUBJECTS,
-                                                      profile=profile, dataset=dataset, seed=seed)).after(aggregated)
-            everyone.set_display_name("augmentation, all subjects")
-            final_members, final_trainings = {}, []
-            for part in ENSEMBLE_PARTS:
-                trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
-                                                     slot=part, profile=profile, dataset=dataset, seed=seed,
-                                                     cache_uri=cache_uri, work_uri=work_uri,
-                                                     kfp_run_id=RUN_ID))
-                trained.set_display_name(f"final {part}")
-                if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
-                    trained.after(final_trainings[-trainings_per_fold])
-                final_trainings.append(trained)
-                final_members[part] = trained.outputs["model"]
-            registered = on_cpu_node(final_model_stage(
-                fold_data=everyone.outputs["fold_data"], **final_members, reports=aggregated.outputs["reports"],
-                mlflow_run_id=aggregated.outputs["Output"], fingerprint=fingerprint.output, network=network,
-                profile=profile, dataset=dataset, seed=seed, clahe_clip_limit=clahe_clip_limit,
-                clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
-                mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID), retry=False)
-            registered.set_display_name("final model")
-            logs_to_mlflow(registered)  # registers the version and moves `champion`
-            registered.set_caching_options(False)  # every run registers its own version (and is not retried: once)
+            with dsl.If(selection == VALIDATION, name="strict selection"):
+                everyone = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=ALL_SUBJECTS,
+                                                          profile=profile, dataset=dataset, seed=seed,
+                                                          expression=expression)).after(aggregated)
+                everyone.set_display_name("augmentation, all subjects")
+                final_members, final_trainings = {}, []
+                for part in ENSEMBLE_PARTS:
+                    trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
+                                                         slot=part, profile=profile, dataset=dataset, seed=seed,
+                                                         cache_uri=cache_uri, work_uri=work_uri,
+                                                         kfp_run_id=RUN_ID))
+                    trained.set_display_name(f"final {part}")
+                    if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
+                        trained.after(final_trainings[-trainings_per_fold])
+                    final_trainings.append(trained)
+                    final_members[part] = trained.outputs["model"]
+                registered = on_cpu_node(final_model_stage(
+                    fold_data=everyone.outputs["fold_data"], **final_members, reports=aggregated.outputs["reports"],
+                    mlflow_run_id=aggregated.outputs["Output"], fingerprint=fingerprint.output, network=network,
+                    profile=profile, dataset=dataset, seed=seed, clahe_clip_limit=clahe_clip_limit,
+                    clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
+                    mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID), retry=False)
+                registered.set_display_name("final model")
+                logs_to_mlflow(registered)  # registers the version and moves `champion`
+                registered.set_caching_options(False)  # every run registers its own version; not retried: once
         return aggregated.outputs["Output"]
 
     return ferpipe_pipeline

@@ -28,7 +28,7 @@ from typing import Callable
 from ferpipe.console import progress_bar
 from ferpipe.data.datasets import DATASETS, open_source
 from ferpipe.errors import UserError
-from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.model.profiles import NETWORK_TYPES, OPTIMISTIC, PROFILES, VALIDATION
 from pipelines.containers import RUNNERS, container_tasks
 
 LOCAL_FOLD_PARALLELISM = 2
@@ -328,9 +328,10 @@ def run_locally(out: str | Path, arguments: dict, runner: str = "subprocess") ->
     # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
     original_print = builtins.print
     try:
+        # The DAG trains the final model only when asked and when the test fold chose no checkpoint.
+        final = bool(arguments.get("final_model", True)) and arguments.get("selection", VALIDATION) == VALIDATION
         with (container_tasks(out, ferpipe_pipeline, read_only) if runner == "container" else nullcontext()), \
-                TaskThreads() as threads, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
-                                                   bool(arguments.get("final_model", True)),
+                TaskThreads() as threads, LiveView(root, log, TaskCounts.of(ferpipe_pipeline), final,
                                                    after_folds=threads.one_at_a_time) as view:
             task = ferpipe_pipeline(**arguments)
     finally:
@@ -351,16 +352,23 @@ def run_locally(out: str | Path, arguments: dict, runner: str = "subprocess") ->
 
 def show_outcome(run: LocalRun) -> None:
     """The results table and where everything is, as the last thing a person sees."""
-    table = run.results / "table.md"
+    table, metrics = run.results / "table.md", run.results / "metrics.md"
     print(f"\npipeline finished in {run.seconds / 60:.1f} min\n")
     if table.is_file():
         print(table.read_text().rstrip() + "\n")
+    if metrics.is_file():  # Table I's companion, the ensemble's rows: macro-F1, balanced accuracy, spread, recall
+        header, rule, *rows = metrics.read_text().splitlines()
+        print("\n".join([header, rule, *(r for r in rows if r.startswith("| ensemble"))]) + "\n")
+    if OPTIMISTIC in (table.read_text() if table.is_file() else ""):
+        print(f"Rows marked ({OPTIMISTIC}) come from the same trainings, each member's checkpoint chosen by its loss "
+              "on the fold's test subjects as the authors' notebook did; the unmarked rows are strict. No model was "
+              "registered.\n")
     for task, (hit, total) in run.cache_summary().items():
         if hit:
             print(f"cache:       {task}: {hit} of {total} reused")
     print(f"report:      {run.results / 'report.html'}  (open it in a browser: the whole run on one page)")
-    print(f"results:     {run.results}/  (report.md, table.md, results.json, misses.png, confusion/, gradcam/, "
-          "landmark_study/)")
+    print(f"results:     {run.results}/  (report.md, table.md, metrics.md, results.json, misses.png, confusion/, "
+          "gradcam/, landmark_study/)")
     print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
     print(f"log:         {run.log}  (every task's full output)")
     print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")

@@ -183,7 +183,8 @@ def test_a_gpu_budget_limits_folds_and_chains_trainings(tmp_path, limit, folds_a
 
 
 def test_the_final_model_waits_for_the_aggregation_and_takes_five_named_members(spec):
-    """final_model: a condition after the aggregation; five unrolled trainings on fold ALL_SUBJECTS, explicit inputs."""
+    """final_model: a condition after the aggregation, and inside it one on strict selection (a test-fold run
+    trains and registers no model); five unrolled trainings on fold ALL_SUBJECTS, explicit inputs."""
     from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
 
     ir, _ = spec
@@ -192,8 +193,13 @@ def test_the_final_model_waits_for_the_aggregation_and_takes_five_named_members(
     assert "final_model" in tasks[branch]["triggerPolicy"]["condition"]
     assert "aggregation" in tasks[branch]["dependentTasks"]
     assert ir["root"]["inputDefinitions"]["parameters"]["final_model"]["defaultValue"] is True
-    body = ir["components"][tasks[branch]["componentRef"]["name"]]["dag"]["tasks"]
+    assert ir["root"]["inputDefinitions"]["parameters"]["selection"]["defaultValue"] == "validation"
+    outer = ir["components"][tasks[branch]["componentRef"]["name"]]["dag"]["tasks"]
+    (strict,) = outer.values()  # the branch holds nothing but the second condition
+    assert strict["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--selection'] == 'validation'"
+    body = ir["components"][strict["componentRef"]["name"]]["dag"]["tasks"]
     (augment,) = [k for k in body if k.startswith("augmentation-stage")]
+    assert "selection" not in body[augment]["inputs"]["parameters"]  # the final model is always strict
     assert body[augment]["inputs"]["parameters"]["fold"]["runtimeValue"]["constant"] == ALL_SUBJECTS
     trainings = {key: task["taskInfo"]["name"] for key, task in body.items() if key.startswith("training-stage")}
     assert sorted(trainings.values()) == sorted(f"final {part}" for part in ENSEMBLE_PARTS)

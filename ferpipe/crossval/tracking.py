@@ -65,6 +65,16 @@ def _finite(values: dict) -> dict:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def fold_metrics(fold: dict) -> dict[str, float]:
+    """A fold result's figures as metrics: accuracy, macro-F1 and balanced accuracy per name; the optimistic
+    ones (test-fold selection) under `optimistic/`."""
+    metrics = {"test_images": fold["images"]}
+    for prefix, result in (("", fold), ("optimistic/", fold.get("optimistic"))):
+        for figure in ("accuracy", "macro_f1", "balanced_accuracy") if result else ():
+            metrics.update({f"{prefix}{figure}/{k}": v for k, v in result.get(figure, {}).items()})
+    return metrics
+
+
 def epoch_metrics(step: int, row: dict) -> dict[str, float]:
     """One history row as MLflow metrics: `<phase>/<metric>`, logged at `step` (the epoch counted across phases)."""
     phase = row.get("phase", "train")
@@ -245,8 +255,9 @@ class Tracking:
         if self.call("get_run", run_id).data.tags.get(RESULT_LOGGED) != "true":
             self.log_params(run_id, {"fold": fold["fold"], "test_subjects": len(fold["test_subjects"]),
                                      "train_images": fold["train_images"]})
-            self.log_latest(run_id, {**{f"accuracy/{k}": v for k, v in fold["accuracy"].items()},
-                                     "test_images": fold["images"]})
+            self.log_latest(run_id, fold_metrics(fold))
+            if fold.get("optimistic"):  # its metrics under optimistic/ say so too
+                self.call("set_tag", run_id, "optimistic", fold["optimistic"]["label"])
             self.call("log_artifact", run_id, str(directory / "predictions.csv"))
             if (directory / GRADCAM_FILE).is_file():  # absent when the fold had no test images
                 self.call("log_artifact", run_id, str(directory / GRADCAM_FILE))

@@ -10,7 +10,15 @@ L1, lr 1e-2), `head` (the classification head on the frozen extractor, lr
 1e-2), `finetune` (everything, lr 1e-4). The baseline runs one phase,
 `direct`. Every phase uses Adam(0.9, 0.999, 1e-7), batch 32, and stops when
 validation loss has not improved for `patience` epochs, restoring its best
-weights.
+weights. A head-only profile (the authors' notebook) stops after `head`.
+
+The authors' notebook chose each checkpoint by its loss on the test fold.
+Given the fold's test subjects (`train_member(test=...)`), the member's last
+phase also records its loss on them after every epoch and keeps the test
+predictions of the epoch where it was lowest: the figure that protocol would
+report, from the same training. They are only watched: early stopping, the
+weights kept and the member returned are those of the strict run, which
+never sees them (a test checks that the two runs match).
 
 A member's checkpoint directory holds `state.json` (phase, epochs done, early
 stopping's best value and wait, history) and weights files written after every
@@ -83,6 +91,7 @@ class Member:
 
     @property
     def phases(self) -> tuple[str, ...]:
+        """Its network's phases; `Profile.phases` says which of them a profile runs."""
         return PHASES[self.network]
 
 
@@ -108,6 +117,9 @@ class TrainedMember:
     history: list[dict] = field(default_factory=list)  # one row per epoch, all phases
     seconds: float = 0.0  # time spent in epochs (training + validation), summed over resumed runs
     landmark_weights: list | None = None  # phase 1's landmark network weights; None without a landmark phase
+    # What selection by the test fold would have kept (only when the test fold was watched): the last phase's
+    # epoch with the lowest test loss, {"phase", "epoch", "test_loss", "probabilities": (test images, classes)}.
+    test_selected: dict | None = None
 
 
 def log_progress(line: str) -> None:
@@ -145,11 +157,30 @@ def _validate(model: keras.Model, phase: str, inputs: np.ndarray, targets: np.nd
     outputs = infer_compiled(model, inputs, batch_size)
     if phase == "landmarks":
         return {"val_loss": float(np.mean(np.abs(outputs - targets)))}
+    return {f"val_{key}": value for key, value in _classification_scores(outputs, targets).items()}
+
+
+def _classification_scores(outputs: np.ndarray, targets: np.ndarray) -> dict:
+    """Categorical cross-entropy (as Keras computes it) and accuracy of softmax outputs against one-hot targets."""
     probabilities = np.clip(outputs, 1e-7, 1 - 1e-7)
     return {
-        "val_loss": float(np.mean(-np.sum(targets * np.log(probabilities), axis=-1))),
-        "val_accuracy": float(np.mean(outputs.argmax(-1) == targets.argmax(-1))),
+        "loss": float(np.mean(-np.sum(targets * np.log(probabilities), axis=-1))),
+        "accuracy": float(np.mean(outputs.argmax(-1) == targets.argmax(-1))),
     }
+
+
+def _watch_test(run: "_Run", phase: str, epoch: int, model: keras.Model, logs: dict) -> None:
+    """The test fold's loss and accuracy this epoch into `logs`; the epoch's test predictions kept when that loss
+    is the phase's lowest yet. Kept in the state (a few numbers per test image), so they are saved, mirrored
+    and resumed with it in one write."""
+    inputs, targets = run.watched
+    outputs = infer_compiled(model, inputs, run.profile.batch_size)
+    scores = _classification_scores(outputs, targets)
+    logs.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"])
+    kept = run.state.get("test_selected")
+    if kept is None or kept["phase"] != phase or scores["loss"] < kept["test_loss"]:
+        run.state["test_selected"] = {"phase": phase, "epoch": epoch + 1, "test_loss": scores["loss"],
+                                      "probabilities": outputs.astype(float).tolist()}
 
 
 def _train_epoch(model: keras.Model, stream: BatchStream, epoch: int) -> dict:
@@ -215,6 +246,8 @@ def _end_epoch(run: "_Run", phase: str, epochs: int, epoch: int, logs: dict, sec
         refresh_batch_statistics(model, reference)
     if validation is not None:
         logs.update(_validate(model, phase, *validation, run.profile.batch_size))
+    if run.watched is not None and phase == run.last_phase:  # recorded only; nothing below reads it
+        _watch_test(run, phase, epoch, model, logs)
     value = logs[monitor]
     if value < state["best"]:
         state["best"], state["wait"] = value, 0
@@ -244,9 +277,13 @@ class _Run:
     """
 
     def __init__(self, member: Member, profile: Profile, directory: Path, fingerprint: dict, progress: Progress,
-                 mirror: Store | None = None, on_epoch: EpochHook | None = None):
+                 mirror: Store | None = None, on_epoch: EpochHook | None = None,
+                 watched: tuple[np.ndarray, np.ndarray] | None = None):
         self.member, self.profile, self.directory, self.progress = member, profile, directory, progress
         self.mirror, self.pushed, self.on_epoch = mirror, {}, on_epoch
+        # The test fold's (inputs, one-hot targets) when its loss is recorded (`_watch_test`), else None.
+        self.watched = watched
+        self.last_phase = profile.phases(member.phases)[-1]
         directory.mkdir(parents=True, exist_ok=True)
         saved = self.path(STATE_FILE)
         if mirror is not None and not saved.exists() and mirror.exists(STATE_FILE):
@@ -295,8 +332,9 @@ class _Run:
         self.save_state()
 
 
-def _fingerprint(member: Member, profile: Profile, train: Examples, val: Examples | None) -> dict:
-    return {
+def _fingerprint(member: Member, profile: Profile, train: Examples, val: Examples | None,
+                 test: Examples | None) -> dict:
+    fingerprint = {
         "member": asdict(member),
         "profile": json.loads(json.dumps(asdict(profile))),
         "classes": list(train.classes),
@@ -304,6 +342,9 @@ def _fingerprint(member: Member, profile: Profile, train: Examples, val: Example
         "train": len(train),
         "val": len(val) if val is not None else 0,
     }
+    if test is not None:  # a strict run's fingerprint stays what it was
+        fingerprint["watched_test"] = len(test)
+    return fingerprint
 
 
 class _Workbench:
@@ -429,6 +470,7 @@ def train_member(
     progress: Progress = log_progress,
     mirror: Store | None = None,
     on_epoch: EpochHook | None = None,
+    test: Examples | None = None,
 ) -> TrainedMember:
     """Train one ensemble member on one fold's data; resumes from `checkpoint_dir` when it holds a run.
 
@@ -438,14 +480,19 @@ def train_member(
     `train` and `val` must be at `profile.input_size`. Returns the sub-network
     (a model of its own) with the best weights of its last phase, and one
     history row per epoch. `on_epoch` hears each epoch's row once its checkpoint is written.
+    `test` (the fold's test subjects) is given only for the optimistic protocol: the last phase's rows then
+    carry test_loss and test_accuracy, and `test_selected` what the lowest test loss would have kept.
     """
     if train.size != profile.input_size:
         raise ValueError(f"examples are {train.size}px, profile {profile.name!r} wants {profile.input_size}px")
     if checkpoint_dir is None:
         with tempfile.TemporaryDirectory(prefix="ferpipe-member-") as scratch:
-            return train_member(member, train, val, profile, scratch, progress, mirror, on_epoch)
-    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress, mirror,
-               on_epoch)
+            return train_member(member, train, val, profile, scratch, progress, mirror, on_epoch, test)
+    watched = None
+    if test is not None:
+        watched = (to_network_input(test.images), test.one_hot())
+    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val, test), progress,
+               mirror, on_epoch, watched)
     classes = len(train.classes)
     # The returned model is built first, from the member's seed: its fresh extractor is the
     # member's starting point (one model build fewer per member).
@@ -454,13 +501,13 @@ def train_member(
     if run.state["complete"]:
         result.load_weights(run.path(MODEL_FILE))
         return TrainedMember(member, result, run.state["history"], run.state["seconds"],
-                             load_landmark_weights(run.path(LANDMARK_FILE)))
+                             load_landmark_weights(run.path(LANDMARK_FILE)), _test_selected(run))
 
     bench = _workbench(profile.input_size, classes, profile.bn_momentum)
     extractor_weights = extractor_of(result).get_weights()
     head_weights: list = []
     landmark_weights = None
-    for index, phase in enumerate(member.phases):
+    for index, phase in enumerate(profile.phases(member.phases)):
         # Each phase's new head has its own seed, so a resumed run builds the same heads.
         head_seed = member.seed * 16 + index + 1
         if phase == "landmarks":
@@ -493,7 +540,15 @@ def train_member(
         result.save_weights(tmp)
     run.state["complete"] = True
     run.save_state()
-    return TrainedMember(member, result, run.state["history"], run.state["seconds"], landmark_weights)
+    return TrainedMember(member, result, run.state["history"], run.state["seconds"], landmark_weights,
+                         _test_selected(run))
+
+
+def _test_selected(run: _Run) -> dict | None:
+    kept = run.state.get("test_selected")
+    if run.watched is None or kept is None:
+        return None
+    return {**kept, "probabilities": np.asarray(kept["probabilities"], np.float32)}
 
 
 def load_landmark_weights(path: str | os.PathLike) -> list | None:

@@ -7,6 +7,10 @@ ensemble accuracy is at least the current champion's; either way the
 decision and both figures are tags on the new version, so the registry
 itself says why a version is or is not serving.
 
+A run whose checkpoints the test fold chose (test-fold selection) measured
+the paper's optimistic protocol, not a model anyone should serve: it is never
+registered, whatever asks (the DAG does not even train its final model).
+
 Two runs finishing at the same moment could both read the old champion
 before either moves the alias; the registry has no compare-and-set, and
 scheduled reruns of one pipeline are minutes to days apart.
@@ -35,6 +39,7 @@ from ferpipe import __version__
 from ferpipe.crossval.report import registered_name
 from ferpipe.errors import UserError
 from ferpipe.evaluate.scoring import ENSEMBLE
+from ferpipe.model.profiles import OPTIMISTIC, VALIDATION
 from ferpipe.version import code_fingerprint
 
 CHAMPION = "champion"
@@ -58,6 +63,14 @@ def cv_summary(results: dict) -> dict[str, float]:
     return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def check_registrable(results: dict) -> None:
+    """A ValueError unless the cross-validation was strict: optimistic figures never back a model version."""
+    selection = results.get("selection", VALIDATION)
+    if selection != VALIDATION or results.get("optimistic"):
+        raise ValueError(f"this run's checkpoints were selected by '{selection}' ({OPTIMISTIC}): such a run is "
+                         "never registered, nor made champion; run again with selection 'validation' for a model")
+
+
 def decide_champion(new: float, current: float | None) -> bool:
     """The new version serves when it is no worse: a tie goes to the newer data."""
     return current is None or new >= current
@@ -66,7 +79,9 @@ def decide_champion(new: float, current: float | None) -> bool:
 def register_final_model(export_dir: str, *, tracking_uri: str, experiment: str, parent_run_id: str,
                          dataset: str, network: str, results: dict, data_fingerprint: str,
                          kfp_run_id: str) -> dict:
-    """Log the exported pyfunc, register a new version, move `champion` if it earned it; what happened."""
+    """Log the exported pyfunc, register a new version, move `champion` if it earned it; what happened.
+    Refuses a run under test-fold selection before touching MLflow (`check_registrable`)."""
+    check_registrable(results)
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
