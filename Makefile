@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ferpipe-installed
 
-.PHONY: setup test run compile images push bench clean
+.PHONY: setup test run compile images push lock bench clean
 
 setup: $(STAMP)
 
@@ -29,14 +29,17 @@ run: setup
 compile: setup
 	$(BIN)/python -m pipelines.refresh
 
-# Tags carry the code's identity (components/images.py); needs a Docker engine.
+# Both images, tagged by what goes into them (components/images.py), with Docker or Podman; on a host that
+# cannot pull the base image, run as root, it is made from Debian packages first (docker/offline-base.sh).
 images: setup
-	docker build -f docker/cpu.Dockerfile -t $$($(BIN)/python -m components.images cpu) .
-	docker build -f docker/gpu.Dockerfile -t $$($(BIN)/python -m components.images gpu) .
+	docker/build.sh cpu gpu
 
 push: images
-	docker push $$($(BIN)/python -m components.images cpu)
-	docker push $$($(BIN)/python -m components.images gpu)
+	docker/build.sh --push cpu gpu
+
+# The images' hashed package locks (docker/cpu.lock, docker/gpu.lock), after pyproject.toml or requirements.lock change.
+lock: setup
+	docker/lock.sh
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess_throughput.py

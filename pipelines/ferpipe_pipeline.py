@@ -39,7 +39,9 @@ the table of constructs and the release that first runs each):
 - The final model (`final_model`, on by default) starts after the aggregation, so it never runs before
   cross-validation has measured the method. It reuses the stage 5 and training components with the
   fold `ALL_SUBJECTS` (nobody held out, validation subjects drawn from everyone), as five more unrolled
-  tasks with explicit inputs; the condition is a plain `dsl.If`, run by every v2 backend.
+  tasks with explicit inputs; the condition is a plain `dsl.If`, run by every v2 backend. A second
+  `dsl.If` inside it (conditions have no `and`: nesting is KFP's way to write one) skips it under
+  `selection` test-fold: a run whose optimistic figures the test fold chose trains and registers no model.
 - Lineage stays where it can: every stage's output is an artifact the next
   task takes as input, the five models included.
 
@@ -63,6 +65,8 @@ from components.images import (
     STORAGE_SECRET,
     STORAGE_SECRET_KEYS,
     TASK_ENVIRONMENT,
+    TRACKING_SECRET,
+    TRACKING_SECRET_KEYS,
 )
 from components.gather_stage import gather_shards
 from components.input_stage import input_fingerprint, input_stage, shard_plan
@@ -75,6 +79,7 @@ from ferpipe.crossval.tracking import RUN_ID_VARIABLE
 from ferpipe.data.datasets import DatasetOptions
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.data.shards import DEFAULT_SHARD_SIZE
+from ferpipe.model.profiles import VALIDATION
 from ferpipe.preprocess.detection import DetectionSettings
 from ferpipe.preprocess.imaging import ClaheSettings
 from ferpipe.preprocess.landmarks import LandmarkSettings
@@ -111,6 +116,13 @@ def with_run_id_from_pod(task: dsl.PipelineTask) -> dsl.PipelineTask:
     every pod of a run (scheduled runs too): live MLflow for a task that must not take the id as an input,
     since KFP's cache key holds every input value and would never reuse it."""
     return kubernetes.use_field_path_as_env(task, env_name=RUN_ID_VARIABLE, field_path=RUN_ID_POD_LABEL)
+
+
+def logs_to_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The pipeline's MLflow user from its Kubernetes Secret, for a task that logs: the server asks every
+    request but /health for a user. Environment variables MLflow's client reads; never parameters."""
+    return kubernetes.use_secret_as_env(task, secret_name=TRACKING_SECRET,
+                                        secret_key_to_env={key: key for key in TRACKING_SECRET_KEYS})
 
 
 def on_gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -179,6 +191,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
         subject_meta_uri: str = "",
         final_model: bool = True,
         shard_size: int = DEFAULT_SHARD_SIZE,
+        selection: str = VALIDATION,
+        expression: str = "",
     ) -> str:
         """Train and evaluate a FER ensemble on one dataset, with the dataset's own protocol.
 
@@ -190,7 +204,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             seed: Seed for validation splits, augmentation and weights; the same seed repeats a run.
             n_folds: Folds for k-fold datasets (CK+, folder); JAFFE is leave-one-subject-out, SFEW train/val, split and fer2013 the dataset's own train/validation/test.
             max_folds: Train only the first N folds (0 = all), for quick checks.
-            mlflow_uri: MLflow tracking server (it proxies artifacts: tasks need no S3 keys for it); empty to skip MLflow.
+            mlflow_uri: MLflow tracking server (it proxies artifacts: tasks need no S3 keys for it; they sign in as the user in the ferpipe-mlflow-tracking Secret); empty to skip MLflow.
             experiment: MLflow experiment name.
             clahe_clip_limit: CLAHE clip limit (the paper gives none; 2.0 is common).
             clahe_tile_grid: CLAHE tiles per side.
@@ -202,13 +216,17 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
             subject_meta_uri: CSV of per-subject attributes (subject id, then e.g. age, gender) for accuracy per group of people; empty: the dataset's own (a folder dataset's subjects.csv), or none.
             shard_size: Images per shard, about: stages 1-4 run as four tasks per shard, all shards at once, each writing one pack of pixels per shard; an image's shard follows from its id alone, so new images touch few shards.
             final_model: After cross-validation, train the five members again on all usable subjects, export the single-graph ensemble as an MLflow pyfunc and register it as ferpipe-<dataset>-<network> (alias champion when its cross-validated accuracy is no worse).
+            selection: How each member's checkpoint is chosen: validation (strict: validation subjects drawn from the training side) or test-fold (also reports, from the same trainings, what choosing by the loss on the fold's test subjects gives, as the authors' notebook did; labelled "optimistic: the test fold chose the checkpoint" everywhere, and such a run trains no final model and registers nothing).
+            expression: The expression phase after landmark pre-training: fine-tune (the head, then everything: the paper's text), head-only (the head alone on the frozen extractor, the authors' notebook), or empty for the profile's own.
         """
         # The MLflow parent run exists before any task that nests a run in it (the fold plan waits for it);
-        # never cached, since each KFP run has its own parent run. Needs only the tracking URI (and the data
-        # store, to tell synthetic data): the server proxies artifacts to S3.
+        # never cached, since each KFP run has its own parent run. Needs the tracking URI and the pipeline's
+        # MLflow user (and the data store, to tell synthetic data): the server proxies artifacts to S3.
         started = on_cpu_node(tracking_start(mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID,
                                              kfp_run_name=RUN_NAME, dataset=dataset, network=network, profile=profile,
-                                             data_uri=data_uri, seed=seed), cpu="500m", memory="1G")
+                                             data_uri=data_uri, seed=seed, selection=selection, expression=expression),
+                              cpu="500m", memory="1G")
+        logs_to_mlflow(started)
         started.set_display_name("start MLflow run").set_caching_options(False)
         fingerprint = on_cpu_node(input_fingerprint(data_uri=data_uri, cache_uri=cache_uri))
         fingerprint.set_caching_options(False)  # must look at the data every run; everything after is keyed on it
@@ -234,7 +252,8 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
 
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=fold_parallelism) as fold:
             augmented = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=fold,
-                                                       profile=profile, dataset=dataset, seed=seed))
+                                                       profile=profile, dataset=dataset, seed=seed,
+                                                       selection=selection, expression=expression))
             models, trainings = {}, []
             for part in ENSEMBLE_PARTS:
                 trained = on_gpu_node(training_stage(fold_data=augmented.outputs["fold_data"], network=network,
@@ -242,6 +261,7 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                                                      cache_uri=cache_uri, work_uri=work_uri, mlflow_uri=mlflow_uri,
                                                      experiment=experiment))
                 trained.set_display_name(f"train {part}")
+                logs_to_mlflow(trained)  # each epoch, live
                 if len(trainings) >= trainings_per_fold:  # a GPU budget: wait for the chain's previous task
                     trained.after(trainings[-trainings_per_fold])
                 trainings.append(trained)
@@ -251,37 +271,42 @@ def build_pipeline(fold_parallelism: int = 0, trainings_per_fold: int = len(ENSE
                                                      work_uri=work_uri, kfp_run_id=RUN_ID, mlflow_uri=mlflow_uri,
                                                      experiment=experiment))
             predicted.set_caching_options(False)  # it must write this run's fold result under this run's id
+            logs_to_mlflow(predicted)
 
         aggregated = on_cpu_node(aggregation(
             folds=plan.outputs["Output"], network=network, profile=profile, dataset=dataset, data_uri=data_uri,
             seed=seed, mlflow_uri=mlflow_uri, experiment=experiment, work_uri=work_uri,
             kfp_run_id=RUN_ID, kfp_run_name=RUN_NAME, fingerprint=fingerprint.output,
-            annotated=annotated.outputs["annotated"]), retry=False).after(predicted)
+            annotated=annotated.outputs["annotated"], expression=expression), retry=False).after(predicted)
         aggregated.set_caching_options(False)  # a rerun must still log to MLflow (and is not retried: it logs once)
+        logs_to_mlflow(aggregated)
 
         # `== True` on a pipeline parameter compiles to the condition; `if final_model` would test a Python object.
         with dsl.If(final_model == True, name="final model"):  # noqa: E712
-            everyone = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=ALL_SUBJECTS,
-                                                      profile=profile, dataset=dataset, seed=seed)).after(aggregated)
-            everyone.set_display_name("augmentation, all subjects")
-            final_members, final_trainings = {}, []
-            for part in ENSEMBLE_PARTS:
-                trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
-                                                     slot=part, profile=profile, dataset=dataset, seed=seed,
-                                                     cache_uri=cache_uri, work_uri=work_uri))
-                trained.set_display_name(f"final {part}")
-                if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
-                    trained.after(final_trainings[-trainings_per_fold])
-                final_trainings.append(trained)
-                final_members[part] = trained.outputs["model"]
-            registered = on_cpu_node(final_model_stage(
-                fold_data=everyone.outputs["fold_data"], **final_members, reports=aggregated.outputs["reports"],
-                mlflow_run_id=aggregated.outputs["Output"], fingerprint=fingerprint.output, network=network,
-                profile=profile, dataset=dataset, seed=seed, clahe_clip_limit=clahe_clip_limit,
-                clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
-                mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID), retry=False)
-            registered.set_display_name("final model")
-            registered.set_caching_options(False)  # every run registers its own version (and is not retried: once)
+            with dsl.If(selection == VALIDATION, name="strict selection"):
+                everyone = on_cpu_node(augmentation_stage(annotated=annotated.outputs["annotated"], fold=ALL_SUBJECTS,
+                                                          profile=profile, dataset=dataset, seed=seed,
+                                                          expression=expression)).after(aggregated)
+                everyone.set_display_name("augmentation, all subjects")
+                final_members, final_trainings = {}, []
+                for part in ENSEMBLE_PARTS:
+                    trained = on_gpu_node(training_stage(fold_data=everyone.outputs["fold_data"], network=network,
+                                                         slot=part, profile=profile, dataset=dataset, seed=seed,
+                                                         cache_uri=cache_uri, work_uri=work_uri))
+                    trained.set_display_name(f"final {part}")
+                    if len(final_trainings) >= trainings_per_fold:  # the same GPU budget as a fold's trainings
+                        trained.after(final_trainings[-trainings_per_fold])
+                    final_trainings.append(trained)
+                    final_members[part] = trained.outputs["model"]
+                registered = on_cpu_node(final_model_stage(
+                    fold_data=everyone.outputs["fold_data"], **final_members, reports=aggregated.outputs["reports"],
+                    mlflow_run_id=aggregated.outputs["Output"], fingerprint=fingerprint.output, network=network,
+                    profile=profile, dataset=dataset, seed=seed, clahe_clip_limit=clahe_clip_limit,
+                    clahe_tile_grid=clahe_tile_grid, detection_confidence=detection_confidence, on_no_face=on_no_face,
+                    mlflow_uri=mlflow_uri, experiment=experiment, kfp_run_id=RUN_ID), retry=False)
+                registered.set_display_name("final model")
+                logs_to_mlflow(registered)  # registers the version and moves `champion`
+                registered.set_caching_options(False)  # every run registers its own version; not retried: once
         return aggregated.outputs["Output"]
 
     return ferpipe_pipeline

@@ -20,6 +20,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,8 @@ from ferpipe.console import progress_bar
 from ferpipe.crossval.tracking import PARENT_RUN_VARIABLE
 from ferpipe.data.datasets import DATASETS, open_source
 from ferpipe.errors import UserError
-from ferpipe.model.profiles import NETWORK_TYPES, PROFILES
+from ferpipe.model.profiles import NETWORK_TYPES, OPTIMISTIC, PROFILES, VALIDATION
+from pipelines.containers import RUNNERS, container_tasks
 
 # The tasks whose lists the two loops iterate over, and the tasks that follow each loop.
 SHARD_PLAN, FOLD_PLAN, AFTER_SHARDS, AFTER_FOLDS = "shard-plan", "fold-plan", "gather-shards", "aggregation"
@@ -222,6 +224,11 @@ class LiveView:
         os.dup2(write, 1)
         os.dup2(write, 2)
         os.close(write)
+        # Python's own prints reach fds 1 and 2 only while sys.stdout/stderr write there; a host (pytest,
+        # a notebook) may have replaced them, and the runner's task lines would bypass the view and the log.
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
         self.reader = threading.Thread(target=self._follow, args=(read,), daemon=True)
         self.bar = progress_bar(total=self._total(), file=self.console, unit="task", bar_format=(
             "{desc} {n_fmt}/{total_fmt} tasks [{elapsed}<{remaining}] {postfix}"), desc="ferpipe run")
@@ -232,6 +239,7 @@ class LiveView:
     def __exit__(self, *exc) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        sys.stdout, sys.stderr = self.streams
         os.dup2(self.saved[0], 1)  # the pipe's last writer goes: the reader sees its end
         os.dup2(self.saved[1], 2)
         for fd in self.saved:
@@ -318,8 +326,14 @@ class LiveView:
                   f"  ({folds})", file=self.console, flush=True)
 
 
-def run_locally(out: str | Path, arguments: dict) -> LocalRun:
-    """Run the DAG with `arguments` (its parameters: data_uri, dataset, network, profile, ...) under OUT."""
+def run_locally(out: str | Path, arguments: dict, runner: str = "subprocess") -> LocalRun:
+    """Run the DAG with `arguments` (its parameters: data_uri, dataset, network, profile, ...) under OUT.
+
+    `runner` subprocess: each task is a process of this Python (.venv). container: each task runs in the
+    image the compiled DAG names for it, through Docker or Podman (pipelines/containers.py).
+    """
+    if runner not in RUNNERS:
+        raise UserError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
     dataset, network, profile = arguments["dataset"], arguments.get("network", "el"), arguments.get("profile", "demo")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -352,21 +366,27 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
     arguments.setdefault("work_uri", str(out / "work"))
     # The runner raises once the pipeline has failed, after each failed task's retries: the one signal of
     # failure that does not depend on reading its log.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    local.init(runner=local.DockerRunner() if runner == "container" else local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(root), raise_on_error=True)
     ferpipe_pipeline = build_pipeline(fold_parallelism=LOCAL_FOLD_PARALLELISM,
                                       shard_parallelism=LOCAL_SHARD_PARALLELISM)
+    # Paths tasks read but never write: inside containers they are mounted read-only at the same place.
+    read_only = [Path(arguments[key]) for key in ("data_uri", "subject_meta_uri")
+                 if arguments.get(key) and not str(arguments[key]).startswith("s3://")]
     # Tasks write relative paths (MLflow's default artifact root) under OUT, not wherever this was started.
     cwd = os.getcwd()
     os.chdir(out)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # KFP's local runner swaps builtins.print for an indenting one while a task streams its log, and with
     # loop iterations on threads it can leave it swapped: everything printed afterwards came out indented.
     original_print = builtins.print
     failure = None
     try:
-        with TaskEnvironment(root=root) as environment, LiveView(root, log, TaskCounts.of(ferpipe_pipeline),
-                                                                 bool(arguments.get("final_model", True)),
-                                                                 after_folds=environment.one_at_a_time):
+        # The DAG trains the final model only when asked and when the test fold chose no checkpoint.
+        final = bool(arguments.get("final_model", True)) and arguments.get("selection", VALIDATION) == VALIDATION
+        with (container_tasks(out, ferpipe_pipeline, read_only) if runner == "container" else nullcontext()), \
+                TaskEnvironment(root=root) as environment, \
+                LiveView(root, log, TaskCounts.of(ferpipe_pipeline), final, after_folds=environment.one_at_a_time):
             try:
                 task = ferpipe_pipeline(**arguments)
             except RuntimeError as err:  # "Pipeline 'ferpipe' finished with status FAILURE. Inner task failed: ..."
@@ -379,26 +399,34 @@ def run_locally(out: str | Path, arguments: dict) -> LocalRun:
         inner = failure.split("Inner task failed:", 1)[-1].strip().rstrip(".") if "Inner task" in failure else failure
         raise UserError(f"task {inner} failed; its log is in {log}")
     reports = newest_output(root, "aggregation", "reports")
-    run_dir = reports.parents[1] if reports is not None else None
+    if reports is None or reports.stat().st_mtime < started_at:
+        raise UserError(f"the pipeline stopped before its results (a task failed); every task's log is in {log}")
+    run_dir = reports.parents[1]
     results = out / "results"
-    if reports is not None:
-        shutil.rmtree(results, ignore_errors=True)
-        shutil.copytree(reports, results)
+    shutil.rmtree(results, ignore_errors=True)
+    shutil.copytree(reports, results)
     return LocalRun(out, run_dir, results, arguments["mlflow_uri"], task.output, seconds, log)
 
 
 def show_outcome(run: LocalRun) -> None:
     """The results table and where everything is, as the last thing a person sees."""
-    table = run.results / "table.md"
+    table, metrics = run.results / "table.md", run.results / "metrics.md"
     print(f"\npipeline finished in {run.seconds / 60:.1f} min\n")
     if table.is_file():
         print(table.read_text().rstrip() + "\n")
+    if metrics.is_file():  # Table I's companion, the ensemble's rows: macro-F1, balanced accuracy, spread, recall
+        header, rule, *rows = metrics.read_text().splitlines()
+        print("\n".join([header, rule, *(r for r in rows if r.startswith("| ensemble"))]) + "\n")
+    if OPTIMISTIC in (table.read_text() if table.is_file() else ""):
+        print(f"Rows marked ({OPTIMISTIC}) come from the same trainings, each member's checkpoint chosen by its loss "
+              "on the fold's test subjects as the authors' notebook did; the unmarked rows are strict. No model was "
+              "registered.\n")
     for task, (hit, total) in run.cache_summary().items():
         if hit:
             print(f"cache:       {task}: {hit} of {total} reused")
     print(f"report:      {run.results / 'report.html'}  (open it in a browser: the whole run on one page)")
-    print(f"results:     {run.results}/  (report.md, table.md, results.json, misses.png, confusion/, gradcam/, "
-          "landmark_study/)")
+    print(f"results:     {run.results}/  (report.md, table.md, metrics.md, results.json, misses.png, confusion/, "
+          "gradcam/, landmark_study/)")
     print(f"artifacts:   {run.out / 'artifacts'}/  (every task's outputs)")
     print(f"log:         {run.log}  (every task's full output)")
     print(f"MLflow run:  {run.mlflow_run_id or '(MLflow off)'} in {run.mlflow_uri}")

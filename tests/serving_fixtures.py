@@ -17,6 +17,7 @@ from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.model.export import build_ensemble_model
 from ferpipe.model.networks import build_classifier
 from ferpipe.preprocess.chain import PreprocessSettings
+from ferpipe.serving.limits import ServingLimits
 from ferpipe.serving.pyfunc import save_pyfunc, serving_info
 
 CLASSES = ("happy", "neutral")
@@ -39,10 +40,10 @@ def real_members(size: int = INPUT_SIZE, classes: int = len(CLASSES), name: str 
     return members
 
 
-def export_model(out: Path) -> tuple[Path, list[keras.Model]]:
+def export_model(out: Path, limits: ServingLimits = ServingLimits()) -> tuple[Path, list[keras.Model]]:
     members = real_members()
     graph = build_ensemble_model(members)
-    info = serving_info(CLASSES, ENSEMBLE_PARTS, "el", INPUT_SIZE, PreprocessSettings(), dataset="test")
+    info = serving_info(CLASSES, ENSEMBLE_PARTS, "el", INPUT_SIZE, PreprocessSettings(), limits, dataset="test")
     return save_pyfunc(graph, info, out), members
 
 

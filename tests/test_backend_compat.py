@@ -70,7 +70,34 @@ def test_compile_drops_the_secret_field_that_kfp_2_14_rejects():
     _, k8s = load(COMPILED)
     entries = [s for e in k8s.values() for s in e.get("secretAsEnv", ())]
     assert entries and not [s for s in entries if "optional" in s]
-    assert {s["secretName"] for s in entries} == {"ferpipe-storage"}
+    assert {s["secretName"] for s in entries} == {"ferpipe-storage", "ferpipe-mlflow-tracking"}
+
+
+def test_exactly_the_tasks_that_log_to_mlflow_get_the_pipelines_mlflow_user():
+    """Every task that is given the tracking URI reads MLFLOW_TRACKING_USERNAME and _PASSWORD from
+    the constant Secret (a name, never a parameter: KFP 2.5 fails a parameter-named Secret inside a loop);
+    no other task holds them, and none takes a credential as a parameter."""
+    from components.images import TRACKING_SECRET, TRACKING_SECRET_KEYS
+
+    ir, k8s = load(COMPILED)
+    executor_of = {name: c["executorLabel"] for name, c in ir["components"].items() if "executorLabel" in c}
+    logging = {executor_of[task["componentRef"]["name"]] for dag in [ir["root"], *ir["components"].values()]
+               for task in dag.get("dag", {}).get("tasks", {}).values()
+               if "mlflow_uri" in task.get("inputs", {}).get("parameters", {})}
+    assert len(logging) == 9  # start, five trainings, prediction, aggregation, final model
+    for executor, config in k8s.items():
+        tracking = [s for s in config.get("secretAsEnv", ()) if s["secretName"] == TRACKING_SECRET]
+        if executor in logging:
+            (entry,) = tracking
+            assert [(m["secretKey"], m["envVar"]) for m in entry["keyToEnv"]] == [(k, k) for k in TRACKING_SECRET_KEYS]
+            named = entry.get("secretNameParameter", {"runtimeValue": {"constant": TRACKING_SECRET}})
+            assert named == {"runtimeValue": {"constant": TRACKING_SECRET}}, named  # a constant, not an input
+        else:
+            assert not tracking, executor
+    assert logging <= set(k8s)
+    for component in ir["components"].values():
+        names = component.get("inputDefinitions", {}).get("parameters", {})
+        assert not [n for n in names if "password" in n.lower() or "secret" in n.lower()], names
 
 
 @pytest.fixture

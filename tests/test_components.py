@@ -258,6 +258,12 @@ def test_prediction_and_aggregation_components(chain, trained, tracking_uri, tmp
     assert "report.html" in {a.path for a in client.list_artifacts(run_id)}
     metrics = client.get_run(run_id).data.metrics
     assert {f"landmark_error_after/{slot}" for slot in ENSEMBLE_PARTS} <= set(metrics)
+    # The figures beside accuracy: macro-F1, balanced accuracy, recall per class, the spread over folds.
+    assert {"macro_f1/ensemble", "balanced_accuracy/ensemble", "recall/ensemble/angry",
+            "fold_accuracy_median/ensemble"} <= set(metrics)
+    assert not [name for name in metrics if name.startswith("optimistic")]  # a strict run has none
+    assert client.get_run(run_id).data.tags["selection"] == "validation"
+    assert outputs["Metrics"].metadata["macro_f1_ensemble"] == pytest.approx(metrics["macro_f1/ensemble"])
     assert "| EL |" in Path(outputs["Markdown"].path).read_text()
     assert Path(outputs["Dataset"].path, "confusion", "ensemble.png").is_file()
     assert Path(outputs["Dataset"].path, "gradcam", "fold1.png").read_bytes() == Path(predictions.path, "gradcam.png").read_bytes()

@@ -25,12 +25,26 @@ DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
 KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/gpu-pool", "k8s/pipeline-namespace"]
 WITH_PODS = ["k8s/base", "k8s/overlays/gpu-pool"]  # pipeline-namespace holds a LimitRange only
 NAMESPACE = "ferpipe"
-SECRET = "ferpipe-storage"
+SECRET = "ferpipe-storage"  # the pipeline tasks' MinIO user
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # The MLflow database's password: a Secret of its own, from its own gitignored env file.
 DB_SECRET, DB_SECRET_KEY = "ferpipe-mlflow-db", "POSTGRES_PASSWORD"
-ENV_FILES = {SECRET: "storage.env", DB_SECRET: "mlflow-db.env"}
+ROOT_SECRET, MLFLOW_STORAGE_SECRET = "ferpipe-minio-root", "ferpipe-mlflow-storage"
+AUTH_SECRET, TRACKING_SECRET = "ferpipe-mlflow-auth", "ferpipe-mlflow-tracking"
+ENV_FILES = {SECRET: "storage.env", DB_SECRET: "mlflow-db.env", ROOT_SECRET: "minio-root.env",
+             MLFLOW_STORAGE_SECRET: "mlflow-storage.env", AUTH_SECRET: "mlflow-auth.env",
+             TRACKING_SECRET: "mlflow-tracking.env"}
+# Each Secret, and the only workloads that may read it: one role, one key.
+SECRET_READERS = {
+    ROOT_SECRET: {"Deployment/minio", "Job/minio-users"},
+    SECRET: {"Job/minio-users"},  # it makes the user; the tasks read the copy in KFP's namespace
+    MLFLOW_STORAGE_SECRET: {"Deployment/mlflow", "Job/minio-users"},
+    DB_SECRET: {"StatefulSet/mlflow-db", "Deployment/mlflow"},
+    AUTH_SECRET: {"Deployment/mlflow", "Job/mlflow-users"},
+    TRACKING_SECRET: {"Job/mlflow-users"},  # likewise copied into KFP's namespace for the tasks
+}
 IMAGES = ("ghcr.io/ferpipe/ferpipe-cpu", "ghcr.io/ferpipe/ferpipe-gpu")
+POLICIES = {"ferpipe-tasks": "ferpipe", "ferpipe-mlflow": "mlflow"}  # MinIO policy -> the one bucket it opens
 
 # The pipeline's training tasks use exactly these; so must every GPU pod here.
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
@@ -115,8 +129,10 @@ def test_dockerfile_rules(dockerfile):
         if keyword in ("ENV", "ARG"):
             assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", args, re.I), f"{keyword} {args}"
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")
-    assert "-c requirements.lock" in runs, "install must be constrained by the lock"
-    assert "--no-deps ." in runs
+    kind = dockerfile.name.split(".")[0]
+    assert f"--require-hashes --no-deps -r {kind}.lock" in runs, "every package must come pinned and hashed"
+    assert "--no-deps --no-build-isolation ." in runs, "ferpipe itself is built from the hashed packages alone"
+    assert re.search(rf"COPY docker/{kind}\.lock ", " ".join(f"{k} {a}" for k, a in steps)), "its own lock"
 
 
 def load_deps_module():
@@ -138,10 +154,48 @@ def test_gpu_image_swaps_tensorflow_cpu_for_cuda():
     specifier = next(r for r in cpu if deps._name(r) == "tensorflow-cpu")[len("tensorflow-cpu"):]
     expected = f"=={pinned}" if pinned else specifier
     assert cuda == "tensorflow[and-cuda]" + expected
-    assert len(cpu) == len(gpu)
-    gpu_runs = " ".join(a for k, a in instructions(REPO / "docker/gpu.Dockerfile") if k == "RUN")
-    cpu_runs = " ".join(a for k, a in instructions(REPO / "docker/cpu.Dockerfile") if k == "RUN")
-    assert "deps.py --gpu" in gpu_runs and "--gpu" not in cpu_runs
+    assert len(gpu) == len(cpu) - len(deps.STAGES_1_TO_4_ONLY)
+    assert not {deps._name(r) for r in gpu} & set(deps.STAGES_1_TO_4_ONLY)
+    # The locks the images install: the CPU wheel in one, the CUDA build and its CUDA wheels in the other.
+    cpu_lock, gpu_lock = image_lock("cpu"), image_lock("gpu")
+    assert cpu_lock["tensorflow-cpu"]["version"] == gpu_lock["tensorflow"]["version"] == pinned
+    assert "tensorflow" not in cpu_lock and "tensorflow-cpu" not in gpu_lock
+    assert not any(name.startswith("nvidia-") for name in cpu_lock)
+    assert {"nvidia-cudnn-cu12", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12"} <= set(gpu_lock)
+
+
+def image_lock(kind: str) -> dict[str, dict]:
+    """docker/<kind>.lock as {name: {version, hashes}} (pip's hash-checking requirements format)."""
+    deps = load_deps_module()
+    entries, current = {}, None
+    for line in (REPO / "docker" / f"{kind}.lock").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--hash=sha256:"):
+            entries[current]["hashes"].append(line.split(":", 1)[1].rstrip(" \\"))
+        else:
+            name, _, version = line.rstrip(" \\").partition("==")
+            current = deps._name(name)
+            entries[current] = {"version": version.split(";")[0].strip(), "hashes": []}
+    return entries
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_the_image_locks_pin_and_hash_every_package_at_the_venvs_versions(kind):
+    deps = load_deps_module()
+    lock = image_lock(kind)
+    venv = {deps._name(line): line.split("==", 1)[1].strip() for line in
+            (REPO / "requirements.lock").read_text().splitlines() if "==" in line and not line.startswith("#")}
+    for name, entry in lock.items():
+        assert entry["version"] and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in entry["hashes"]), name
+        assert entry["hashes"], f"{name} has no hash: pip --require-hashes would refuse the whole lock"
+        if name in venv:
+            assert entry["version"] == venv[name], f"{kind}.lock has {name} {entry['version']}, .venv {venv[name]}"
+    # Everything pyproject asks for is in it (rerun `make lock` after changing pyproject.toml).
+    wanted = deps.requirements(REPO / "pyproject.toml", gpu=kind == "gpu", lock=REPO / "requirements.lock")
+    missing = {deps._name(r) for r in wanted} - set(lock)
+    assert not missing, f"docker/{kind}.lock lacks {sorted(missing)}: run `make lock`"
 
 
 def test_dockerignore_is_an_allowlist_covering_every_copy():
@@ -177,7 +231,8 @@ def render(directory: Path) -> list[dict]:
     """What `kustomize build` makes of the features k8s/ uses; anything else is refused,
     so that this emulation cannot silently drift from kustomize."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - {"apiVersion", "kind", "namespace", "labels", "resources", "secretGenerator"}
+    unknown = set(kustomization) - {"apiVersion", "kind", "namespace", "labels", "resources", "secretGenerator",
+                                    "configMapGenerator"}
     assert not unknown, f"render() does not emulate {sorted(unknown)} of {directory}: extend it"
     docs: list[dict] = []
     for resource in kustomization.get("resources", []):
@@ -195,6 +250,14 @@ def render(directory: Path) -> list[dict]:
             "metadata": {"name": generator["name"]},
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
         })
+    for generator in kustomization.get("configMapGenerator", []):
+        assert set(generator) <= {"name", "files", "options"}, generator
+        assert generator["options"]["disableNameSuffixHash"] is True, "render() keeps plain names only"
+        data = {}
+        for entry in generator["files"]:
+            key, _, path = entry.rpartition("=")
+            data[key or Path(path).name] = (directory / path).read_text()
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data})
     for label in kustomization.get("labels", []):
         for doc in docs:
             doc["metadata"].setdefault("labels", {}).update(label["pairs"])
@@ -211,11 +274,9 @@ def k8s_copy(tmp_path_factory) -> Path:
     A developer's real k8s/base/storage.env or mlflow-db.env is never read."""
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(REPO / "k8s", root, ignore=shutil.ignore_patterns(*ENV_FILES.values()))
-    dummies = {"AWS_ACCESS_KEY_ID": "test-user", "AWS_SECRET_ACCESS_KEY": "test-password",
-               DB_SECRET_KEY: "test-db-password"}
     for name in ENV_FILES.values():
         example = parse_env_file(root / "base" / f"{name}.example")
-        example.update({k: v for k, v in dummies.items() if k in example})
+        example.update({k: f"test-{name}-{k.lower()}" for k, v in example.items() if not v})
         (root / "base" / name).write_text("".join(f"{k}={v}\n" for k, v in example.items()))
     return root
 
@@ -318,10 +379,13 @@ def test_no_secret_values_are_committed():
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "Secret":
                 assert not doc.get("data") and not doc.get("stringData"), f"{path} holds Secret values"
-    example = parse_env_file(REPO / "k8s/base/storage.env.example")
-    for key in SECRET_KEYS:
-        assert example[key] == "", f"storage.env.example must leave {key} empty"
-    assert {"MLFLOW_S3_ENDPOINT_URL", "FERPIPE_S3_ENDPOINT"} <= set(example)
+    secrets = {name: {k: v for k, v in parse_env_file(REPO / "k8s/base" / f"{file}.example").items()
+                      if re.search("KEY|PASSWORD|USER", k) and not k.endswith("_URL")}
+               for name, file in ENV_FILES.items()}
+    for name, keys in secrets.items():
+        assert keys and not any(keys.values()), f"{ENV_FILES[name]}.example must leave {sorted(keys)} empty"
+    assert set(parse_env_file(REPO / "k8s/base/storage.env.example")) == {*SECRET_KEYS, "FERPIPE_S3_ENDPOINT"}
+    assert set(parse_env_file(REPO / "k8s/base/mlflow-storage.env.example")) == {*SECRET_KEYS, "MLFLOW_S3_ENDPOINT_URL"}
     assert parse_env_file(REPO / "k8s/base/mlflow-db.env.example") == {DB_SECRET_KEY: ""}
 
 
@@ -372,6 +436,8 @@ def security_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{where}: allowPrivilegeEscalation is not false")
             if "ALL" not in own.get("capabilities", {}).get("drop", []):
                 problems.append(f"{where}: capabilities are not dropped")
+            if own.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: the root filesystem is writable (readOnlyRootFilesystem)")
     return problems
 
 
@@ -390,7 +456,7 @@ def test_the_rule_checks_catch_a_bad_pod():
     pod = {"kind": "Pod", "metadata": {"name": "bad"},
            "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]}}
     assert resource_problems([pod]) == ["Pod/bad container c: no requests.memory", "Pod/bad container c: no limits.memory"]
-    assert len(security_problems([pod])) == 3
+    assert len(security_problems([pod])) == 4
 
 
 def test_services_have_probes(base):
@@ -399,12 +465,34 @@ def test_services_have_probes(base):
         assert container.get("readinessProbe") and container.get("livenessProbe"), name
 
 
-def test_minio_credentials_come_from_the_secret(base):
+def test_minio_root_keys_come_from_their_own_secret(base):
     (container,) = find(base, "Deployment", "minio")["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e for e in container["env"]}
-    for variable, key in (("MINIO_ROOT_USER", "AWS_ACCESS_KEY_ID"), ("MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY")):
-        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": key}
+    assert container["envFrom"] == [{"secretRef": {"name": ROOT_SECRET}}] and "env" not in container
+    assert set(find(base, "Secret", ROOT_SECRET)["data"]) == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
     assert set(SECRET_KEYS) <= set(base64_secret(base))
+
+
+def secret_readers(docs: list[dict]) -> dict[str, set[str]]:
+    """Secret name -> the workloads that read it (env, envFrom or a volume), from the rendered pod specs."""
+    readers: dict[str, set[str]] = {}
+    for doc, spec in pod_specs(docs):
+        names = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+        for container in containers(spec):
+            names |= {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+            names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                      if "secretKeyRef" in e.get("valueFrom", {})}
+        for name in names:
+            readers.setdefault(name, set()).add(label(doc))
+    return readers
+
+
+def test_each_secret_is_read_by_its_role_only(base):
+    """The root keys stay with MinIO and the Job that makes the users; no pod reads another role's keys."""
+    assert secret_readers(base) == SECRET_READERS
+    assert {d["metadata"]["name"] for d in base if d["kind"] == "Secret"} == set(SECRET_READERS)
+    # The Role that lets a pod fetch a Secret through the API names the tasks' Secret alone, never the root's.
+    (role,) = [d for d in base if d["kind"] == "Role"]
+    assert [n for rule in role["rules"] for n in rule["resourceNames"]] == [SECRET]
 
 
 def base64_secret(docs: list[dict]) -> dict[str, str]:
@@ -420,11 +508,14 @@ def test_mlflow_server(base):
     allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert f"mlflow.{NAMESPACE}.svc.cluster.local:5000" in allowed
     assert container["command"] == ["mlflow", "server"]
-    assert {"--serve-artifacts", "--artifacts-destination=s3://mlflow/"} <= set(container["args"])
-    assert {"secretRef": {"name": SECRET}} in container["envFrom"]
-    # No SQLite and no volume: the backend store is PostgreSQL, named by environment, not argument.
+    assert {"--serve-artifacts", "--artifacts-destination=s3://mlflow/", "--app-name=basic-auth"} <= set(container["args"])
+    assert container["envFrom"] == [{"secretRef": {"name": MLFLOW_STORAGE_SECRET}}, {"secretRef": {"name": AUTH_SECRET}}]
+    assert set(find(base, "Secret", AUTH_SECRET)["data"]) == {
+        "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+    # No SQLite and no persistent volume: the backend store is PostgreSQL, named by environment, not
+    # argument; the pod keeps scratch space and the auth app's settings only.
     assert not any(a.startswith("--backend-store-uri") for a in container["args"])
-    assert "volumes" not in spec and "volumeMounts" not in container
+    assert all(set(v) & {"emptyDir", "configMap"} for v in spec["volumes"]), spec["volumes"]
 
 
 def database_env(container: dict) -> tuple[str, dict]:
@@ -456,25 +547,46 @@ def test_mlflow_reaches_postgres_with_the_password_from_its_own_secret(base):
     assert DB_SECRET_KEY not in base64_secret(base), "the storage Secret goes to pipeline tasks: no DB password"
 
 
+def test_the_auth_app_reads_its_settings_from_the_mounted_config_and_keeps_users_in_postgres(base):
+    import configparser
+
+    spec = find(base, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    path = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    config_map = find(base, "ConfigMap", volume["configMap"]["name"])
+    settings = configparser.ConfigParser()
+    settings.read_string(config_map["data"][path.name])
+    mlflow = settings["mlflow"]
+    assert mlflow["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"], "the users live beside the runs, in PostgreSQL"
+    assert mlflow["default_permission"] in ("READ", "NO_PERMISSIONS")
+    assert "admin_password" not in mlflow and "admin_username" not in mlflow, "the admin comes from the Secret"
+    assert int(mlflow["auth_cache_ttl_seconds"]) > 0, "without the cache every request costs a scrypt check"
+
+
 def test_postgres_keeps_its_data_on_a_claimed_volume(base):
     database = find(base, "StatefulSet", "mlflow-db")
     (claim,) = database["spec"]["volumeClaimTemplates"]
     (postgres,) = database["spec"]["template"]["spec"]["containers"]
-    (mount,) = postgres["volumeMounts"]
-    assert mount["name"] == claim["metadata"]["name"]
+    (mount,) = [m for m in postgres["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
     pgdata = {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"]
     # Below the mount point, not at it: initdb refuses a volume root holding lost+found.
     assert pgdata.startswith(mount["mountPath"] + "/")
-    assert re.fullmatch(r"docker\.io/library/postgres:16\.\d+-\w+", postgres["image"]), postgres["image"]
+    # PostgreSQL 16 at a patch release with current security fixes (16.15 or later), pinned by digest.
+    match = re.fullmatch(r"docker\.io/library/postgres:16\.(\d+)-\w+@sha256:[0-9a-f]{64}", postgres["image"])
+    assert match and int(match.group(1)) >= 15, postgres["image"]
 
 
-def test_endpoints_in_the_example_match_the_services(base):
-    example = parse_env_file(REPO / "k8s/base/storage.env.example")
+def test_endpoints_in_the_examples_match_the_services(base):
+    tasks = parse_env_file(REPO / "k8s/base/storage.env.example")
+    server = parse_env_file(REPO / "k8s/base/mlflow-storage.env.example")
     minio = find(base, "Service", "minio")
     port = next(p["port"] for p in minio["spec"]["ports"] if p["name"] == "s3")
     url = f"http://minio.{minio['metadata']['namespace']}.svc.cluster.local:{port}"
-    assert example["MLFLOW_S3_ENDPOINT_URL"] == example["FERPIPE_S3_ENDPOINT"] == url
+    assert server["MLFLOW_S3_ENDPOINT_URL"] == tasks["FERPIPE_S3_ENDPOINT"] == url
 
 
 def test_rbac_is_least_privilege(base):
@@ -582,3 +694,151 @@ def test_the_makefile_keeps_the_readmes_commands():
     assert "ferpipe demo-data" in planned("run")
     assert "pipelines.refresh" in planned("compile")
     assert "pytest" in planned("test")
+
+
+# --------------------------------------------------------------------------- images, policies, network
+
+
+def test_every_third_party_image_is_pinned_by_digest(rendered):
+    """Ours carry a content tag (components/images.py); everyone else's a digest, so a moved tag changes nothing."""
+    for name in WITH_PODS:
+        for doc, spec in pod_specs(rendered[name]):
+            for container in containers(spec):
+                image = container["image"]
+                if image.startswith(IMAGES):
+                    continue
+                assert re.fullmatch(r"[\w.\-/]+:[\w.\-]+@sha256:[0-9a-f]{64}", image), f"{label(doc)}: {image}"
+
+
+def load_policy(name: str) -> dict:
+    import json
+
+    return json.loads((REPO / "k8s/base/minio-policies" / f"{name}.json").read_text())
+
+
+def policy_grants(policy: dict) -> set[tuple[str, str]]:
+    """(action, resource) pairs a MinIO/IAM policy allows; it may hold Allow statements with explicit lists only."""
+    grants = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and set(statement) <= {"Sid", "Effect", "Action", "Resource"}
+        actions, resources = statement["Action"], statement["Resource"]
+        assert isinstance(actions, list) and isinstance(resources, list), "no string shorthand: lists, checkable"
+        grants |= {(a, r) for a in actions for r in resources}
+    return grants
+
+
+@pytest.mark.parametrize("policy_name", sorted(POLICIES))
+def test_each_minio_policy_opens_its_own_bucket_and_nothing_else(policy_name):
+    bucket = POLICIES[policy_name]
+    grants = policy_grants(load_policy(policy_name))
+    assert all(action.startswith("s3:") and "*" not in action for action, _ in grants), "no admin:*, no s3:*"
+    assert {resource for _, resource in grants} == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
+    # What ferpipe's store and MLflow's artifact proxy do: list, read, write, delete, multipart.
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+        assert (action, f"arn:aws:s3:::{bucket}/*") in grants, action
+    assert ("s3:ListBucket", f"arn:aws:s3:::{bucket}") in grants
+    assert not [a for a, _ in grants if a in ("s3:CreateBucket", "s3:DeleteBucket", "s3:PutBucketPolicy")]
+
+
+def test_the_policy_check_catches_a_broad_policy():
+    broad = {"Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]}
+    assert any("*" in action for action, _ in policy_grants(broad))
+    with pytest.raises(AssertionError):
+        policy_grants({"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})
+
+
+def test_the_users_job_applies_the_committed_policies_to_the_users_of_the_secrets(base):
+    config_map = find(base, "ConfigMap", "ferpipe-minio-policies")
+    assert {name: json_of(text) for name, text in config_map["data"].items()} == {
+        f"{name}.json": load_policy(name) for name in POLICIES}
+    job = find(base, "Job", "minio-users")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    script = container["args"][0]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "policies"]
+    assert f"{mount['mountPath']}/$policy.json" in script and "policy attach" in script
+    assert "mc mb --ignore-existing ferpipe/ferpipe ferpipe/mlflow" in script  # tasks and MLflow make no bucket
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert env["TASKS_ACCESS_KEY"] == {"name": SECRET, "key": "AWS_ACCESS_KEY_ID"}
+    assert env["MLFLOW_ACCESS_KEY"] == {"name": MLFLOW_STORAGE_SECRET, "key": "AWS_ACCESS_KEY_ID"}
+
+
+def json_of(text: str) -> dict:
+    import json
+
+    return json.loads(text)
+
+
+def test_the_pipeline_user_job_signs_in_as_the_admin_and_makes_the_tracking_secrets_user(base):
+    (container,) = find(base, "Job", "mlflow-users")["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["ferpipe", "mlflow-user"] and container["command"][-1] == "$(PIPELINE_USER)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_PASSWORD"] == {"name": AUTH_SECRET, "key": "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    assert env["PIPELINE_USER"] == {"name": TRACKING_SECRET, "key": "MLFLOW_TRACKING_USERNAME"}
+    assert env["FERPIPE_MLFLOW_USER_PASSWORD"] == {"name": TRACKING_SECRET, "key": "MLFLOW_TRACKING_PASSWORD"}
+    url = container["command"][container["command"].index("--mlflow-uri") + 1]
+    mlflow = find(base, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    allowed = {e["name"]: e.get("value") for e in mlflow["env"]}["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert url.split("//")[1] in allowed, "MLflow would answer the Job's Host header with 403"
+
+
+# NetworkPolicy semantics for the peers used here (matchLabels only), to ask who reaches what.
+KFP_POD = {"pipelines.kubeflow.org/v2_component": "true"}
+PROFILE_NAMESPACE = {"kubernetes.io/metadata.name": "kubeflow-user-example-com", "pipelines.kubeflow.org/enabled": "true"}
+STANDALONE_NAMESPACE = {"kubernetes.io/metadata.name": "kubeflow"}
+OTHER_NAMESPACE = {"kubernetes.io/metadata.name": "some-team"}
+FERPIPE_NAMESPACE = {"kubernetes.io/metadata.name": NAMESPACE}
+INGRESS = ({"kubernetes.io/metadata.name": "istio-system"}, {"app": "istio-ingressgateway"})
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "the evaluator knows matchLabels only"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def reaches(docs: list[dict], source: tuple[dict, dict], target: str, port: int) -> bool:
+    """Whether a pod (namespace labels, pod labels) may open `port` on the ferpipe pod named `target`."""
+    namespace_labels, pod_labels = source
+    target_labels = {"app.kubernetes.io/name": target}
+    selecting = [d for d in docs if d["kind"] == "NetworkPolicy" and "Ingress" in d["spec"]["policyTypes"]
+                 and _matches(d["spec"]["podSelector"], target_labels)]
+    if not selecting:
+        return True  # no policy selects the pod: Kubernetes lets everything in
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            for peer in rule.get("from", [{}]):
+                same_namespace = namespace_labels == FERPIPE_NAMESPACE
+                namespace_ok = (_matches(peer["namespaceSelector"], namespace_labels) if "namespaceSelector" in peer
+                                else same_namespace)
+                if namespace_ok and _matches(peer.get("podSelector", {}), pod_labels):
+                    return True
+    return False
+
+
+def test_network_policies_let_only_pipeline_pods_mlflow_and_the_ingress_in(base):
+    for namespace in (PROFILE_NAMESPACE, STANDALONE_NAMESPACE):
+        task = (namespace, {**KFP_POD, "workflows.argoproj.io/workflow": "ferpipe-abc"})
+        assert reaches(base, task, "minio", 9000) and reaches(base, task, "mlflow", 5000)
+        assert not reaches(base, task, "minio", 9001), "the console is not for task pods"
+        assert not reaches(base, task, "mlflow-db", 5432)
+    outsiders = [(OTHER_NAMESPACE, KFP_POD), (PROFILE_NAMESPACE, {"app": "notebook"}),
+                 (FERPIPE_NAMESPACE, {"app.kubernetes.io/name": "gpu-check"}), (FERPIPE_NAMESPACE, KFP_POD)]
+    for outsider in outsiders:
+        for target, port in (("minio", 9000), ("minio", 9001), ("mlflow", 5000), ("mlflow-db", 5432)):
+            assert not reaches(base, outsider, target, port), (outsider, target, port)
+    mlflow = (FERPIPE_NAMESPACE, {"app.kubernetes.io/name": "mlflow"})
+    assert reaches(base, mlflow, "mlflow-db", 5432) and reaches(base, mlflow, "minio", 9000)
+    assert not reaches(base, mlflow, "minio", 9001)
+    assert reaches(base, INGRESS, "mlflow", 5000) and reaches(base, INGRESS, "minio", 9001)
+    assert not reaches(base, INGRESS, "mlflow-db", 5432)
+    assert reaches(base, (FERPIPE_NAMESPACE, {"app.kubernetes.io/name": "minio-users"}), "minio", 9000)
+    assert reaches(base, (FERPIPE_NAMESPACE, {"app.kubernetes.io/name": "mlflow-users"}), "mlflow", 5000)
+    # Every pod of the namespace is selected by the default deny: a new Service is closed until opened.
+    for doc, _ in pod_specs(base):
+        target = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+        assert not reaches(base, (OTHER_NAMESPACE, {}), target, 9999), label(doc)
+
+
+def test_the_network_evaluator_sees_an_open_namespace():
+    assert reaches([], (OTHER_NAMESPACE, {}), "mlflow-db", 5432)  # no policy at all: everything gets in

@@ -10,9 +10,12 @@ from ferpipe.data.storage import LocalStore, open_store
 
 
 class CountingStore(LocalStore):
-    """A real local store that counts how many files it reads."""
+    """A real (confined) local store that counts how many files it reads."""
 
     reads = 0
+
+    def __init__(self, root):
+        super().__init__(root, confined=True)
 
     def read_bytes(self, key):
         CountingStore.reads += 1
@@ -52,6 +55,22 @@ def test_local_fingerprint_hashes_only_what_changed_since_the_last_one(data, tmp
 
 def test_without_a_cache_every_file_is_read_and_the_answer_is_the_same(data, tmp_path):
     assert fingerprint(str(data)) == fingerprint(str(data), str(tmp_path / "cache"))
+
+
+@pytest.mark.timeout(60)  # a FIFO read would block for ever, /dev/zero until memory runs out
+def test_links_out_fifos_and_devices_count_but_are_never_read(data, tmp_path):
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"someone else's file")
+    happy = data / "happy"
+    os.symlink("/dev/zero", happy / "zero.jpg")
+    os.symlink(outside, happy / "out.jpg")
+    os.mkfifo(happy / "fifo.jpg")
+    os.symlink(data / "gone.jpg", happy / "dangling.jpg")
+    first = fingerprint(str(data), str(tmp_path / "cache"))
+    outside.write_bytes(b"someone else's file, changed")
+    assert fingerprint(str(data), str(tmp_path / "cache")) == first  # never hashed, as the input stage never reads it
+    (happy / "fifo.jpg").unlink()
+    assert fingerprint(str(data), str(tmp_path / "cache")) != first  # what is there still counts
 
 
 @pytest.mark.service

@@ -82,6 +82,12 @@ def test_report_has_every_section_filled_and_only_embedded_pictures(run):
         assert decode_png(base64.b64decode(source.split(",", 1)[1])).size > 0
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)
     assert "97.14" in text  # the paper's JAFFE ensemble beside ours
+    # Beside accuracy: the companion table (a row per member and the ensemble) and the fold spread.
+    assert "Beside accuracy" in text and "macro-F1" in text and "recall happy" in text
+    assert "<b>median fold</b>" in text and "optimistic" not in text  # a strict run shows no optimistic figure
+    ensemble = results["overall"]
+    assert f"{100 * ensemble['macro_f1']['ensemble']:.2f}" in text
+    assert f"{100 * ensemble['balanced_accuracy']['ensemble']:.2f}" in text
     matrix = np.array(results["overall"]["confusion"]["ensemble"])
     wrong = int(matrix.sum() - np.trace(matrix))  # the misses section says what the confusion matrix says
     if wrong:

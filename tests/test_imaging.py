@@ -81,3 +81,38 @@ def test_clahe_raises_local_contrast_and_follows_its_settings(face_gray):
 def test_png_round_trip_is_lossless(face_gray):
     frame = imaging.to_frame(face_gray)
     assert (imaging.decode_png(imaging.encode_png(frame)) == frame).all()
+
+
+PEAK_MEMORY = """
+import resource, sys
+from ferpipe.preprocess.imaging import Reject, decode_gray
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_gray(data)
+    print("decoded", 0)
+except Reject as err:
+    print(err.status, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_an_icon_is_refused_before_pillow_decodes_it(tmp_path):
+    """Pillow's ICO loader decodes its embedded image inside Image.open: the format is not on the allow-list."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, flat_png, ico_holding
+
+    icon = tmp_path / "big.ico"
+    icon.write_bytes(ico_holding(flat_png(9400, 9400)))
+    out = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(icon)], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout.split()
+    status, grown_mib = out[0], int(out[1])
+    assert status == "unreadable" and grown_mib < 40, out  # decoded, it took ~350 MB and then was "too_large"
+    with pytest.raises(Reject, match="not an image format ferpipe can read"):
+        imaging.image_size(icon.read_bytes())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM"])
+def test_every_format_ferpipe_lists_still_decodes(face_gray, fmt):
+    assert imaging.decode_gray(encode(face_gray, fmt)).shape == face_gray.shape

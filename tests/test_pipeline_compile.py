@@ -148,8 +148,9 @@ def test_gpu_only_for_training(spec):
 def test_credentials_come_from_the_secret_and_never_appear(spec, compiled):
     ir, platform = spec
     for name, config in platform.items():
-        (secret,) = config["secretAsEnv"]
-        assert secret["secretName"] == "ferpipe-storage"
+        (secret,) = [s for s in config["secretAsEnv"] if s["secretName"] == "ferpipe-storage"]
+        # Besides it, at most the pipeline's MLflow user (tests/test_backend_compat.py says which tasks).
+        assert {s["secretName"] for s in config["secretAsEnv"]} <= {"ferpipe-storage", "ferpipe-mlflow-tracking"}
         names = {e["secretKey"]: e["envVar"] for e in secret["keyToEnv"]}
         assert names["AWS_ACCESS_KEY_ID"] == "FERPIPE_S3_ACCESS_KEY_ID", name
         assert names["AWS_SECRET_ACCESS_KEY"] == "FERPIPE_S3_SECRET_ACCESS_KEY", name
@@ -210,7 +211,8 @@ def test_a_gpu_budget_limits_folds_and_chains_trainings(tmp_path, limit, folds_a
 
 
 def test_the_final_model_waits_for_the_aggregation_and_takes_five_named_members(spec):
-    """final_model: a condition after the aggregation; five unrolled trainings on fold ALL_SUBJECTS, explicit inputs."""
+    """final_model: a condition after the aggregation, and inside it one on strict selection (a test-fold run
+    trains and registers no model); five unrolled trainings on fold ALL_SUBJECTS, explicit inputs."""
     from ferpipe.crossval.fold_dataset import ALL_SUBJECTS
 
     ir, _ = spec
@@ -219,8 +221,13 @@ def test_the_final_model_waits_for_the_aggregation_and_takes_five_named_members(
     assert "final_model" in tasks[branch]["triggerPolicy"]["condition"]
     assert "aggregation" in tasks[branch]["dependentTasks"]
     assert ir["root"]["inputDefinitions"]["parameters"]["final_model"]["defaultValue"] is True
-    body = ir["components"][tasks[branch]["componentRef"]["name"]]["dag"]["tasks"]
+    assert ir["root"]["inputDefinitions"]["parameters"]["selection"]["defaultValue"] == "validation"
+    outer = ir["components"][tasks[branch]["componentRef"]["name"]]["dag"]["tasks"]
+    (strict,) = outer.values()  # the branch holds nothing but the second condition
+    assert strict["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--selection'] == 'validation'"
+    body = ir["components"][strict["componentRef"]["name"]]["dag"]["tasks"]
     (augment,) = [k for k in body if k.startswith("augmentation-stage")]
+    assert "selection" not in body[augment]["inputs"]["parameters"]  # the final model is always strict
     assert body[augment]["inputs"]["parameters"]["fold"]["runtimeValue"]["constant"] == ALL_SUBJECTS
     trainings = {key: task["taskInfo"]["name"] for key, task in body.items() if key.startswith("training-stage")}
     assert sorted(trainings.values()) == sorted(f"final {part}" for part in ENSEMBLE_PARTS)

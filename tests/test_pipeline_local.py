@@ -6,22 +6,19 @@ import pytest
 from mlflow import MlflowClient
 
 from ferpipe.data.parts import ENSEMBLE_PARTS
-from ferpipe.demo.synthetic import make_demo_dataset
 from pipelines.local_run import run_locally
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), subjects=3, per_expression=1)
+def demo(smoke_demo):
+    return smoke_demo
 
 
 @pytest.fixture(scope="module")
-def first_run(demo, tmp_path_factory):
-    # 21 images at 12 a shard: two shards, each through its own four stage tasks.
-    return run_locally(tmp_path_factory.mktemp("run"), dict(
-        data_uri=str(demo), dataset="jaffe", network="el", profile="smoke", max_folds=2, shard_size=12))
+def first_run(smoke_run):
+    return smoke_run
 
 
 def runs_of(uri: str):
@@ -125,3 +122,26 @@ def test_london_pipeline(london, tmp_path):
     parent = check_mlflow_tree(run.mlflow_uri, run.mlflow_run_id, folds=1, synthetic=False)
     assert "group_images/gender/female" in parent.data.metrics
     check_registered_model(run, "ferpipe-folder-el", results)
+
+
+def test_a_test_fold_run_reports_both_figures_trains_no_final_model_and_registers_nothing(demo, tmp_path, capsys):
+    from ferpipe.model.profiles import OPTIMISTIC
+    from pipelines.local_run import show_outcome
+
+    run = run_locally(tmp_path, dict(data_uri=str(demo), dataset="jaffe", network="el", profile="smoke", max_folds=1,
+                                     selection="test-fold", expression="head-only"))
+    results = json.loads((run.results / "results.json").read_text())
+    assert results["selection"] == "test-fold" and results["expression"] == "head-only"
+    assert results["optimistic"]["label"] == OPTIMISTIC and results["optimistic"]["overall"]["images"] == 7
+    epochs = results["folds"]["0"]["optimistic"]["epochs"]
+    assert {e["phase"] for e in epochs.values()} == {"head"}  # head-only: the head phase is the last
+    assert run.cache_summary()["training-stage"] == (0, 5)  # the fold's five; no final members
+    assert run.registered_model() == ""
+    client = MlflowClient(run.mlflow_uri)
+    assert client.search_registered_models() == []
+    parent = client.get_run(run.mlflow_run_id)
+    assert parent.data.tags["optimistic"] == OPTIMISTIC and parent.data.tags["expression"] == "head-only"
+    assert "optimistic/accuracy/ensemble" in parent.data.metrics
+    show_outcome(run)
+    shown = capsys.readouterr().out
+    assert f"| EL ({OPTIMISTIC}) |" in shown and "No model was registered" in shown and "model:  " not in shown

@@ -187,8 +187,9 @@ def test_rerun_with_a_cache_redoes_only_new_images(messy_folder, messy_manifest,
     assert first.attrs["cache_hits"] == 0
     second = pp.preprocess("folder", str(messy_folder), str(tmp_path / "b"), workers=2, cache=cache)
     assert second.attrs["cache_hits"] == len(fused)
-    cols = ["image_id", "status", "detail", "sha256", "fold"]
-    pd.testing.assert_frame_equal(second[cols], fused[cols])
+    # A hit restores every column the stages write (the EXIF orientation was once lost this way).
+    floats = ["landmarks", "face_box", "source_landmarks", "image_path"]
+    pd.testing.assert_frame_equal(second.drop(columns=floats), fused.drop(columns=floats))
     assert np.allclose(np.stack(second["landmarks"].dropna()), np.stack(fused["landmarks"].dropna()))
     ok = second[second["status"] == "ok"]
     assert all((tmp_path / "b" / p).is_file() for p in ok["image_path"])

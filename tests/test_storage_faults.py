@@ -1,4 +1,5 @@
-"""Failing storage, for real, on loopback: a server that never answers, SeaweedFS stopped mid-run, wrong keys.
+"""Failing storage, for real, on loopback: a server that never answers, SeaweedFS stopped mid-run, wrong keys,
+an object too large to take into memory.
 
 Each ends in one line naming the endpoint and the cause, within a bound the
 test measures; an outage mid-run leaves no manifest and says so on the next
@@ -22,7 +23,14 @@ from test_hostile import copy_faces
 from ferpipe.data import output
 from ferpipe.data.manifest import read_manifest
 from ferpipe.data.output import LOCK_NAME, claim_output
-from ferpipe.data.storage import BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, READ_RETRIES, open_store
+from ferpipe.data.storage import (
+    BACKOFF,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    READ_RETRIES,
+    ObjectTooLarge,
+    open_store,
+)
 from ferpipe.errors import OutputBusy, StorageError, UserError
 
 pytestmark = pytest.mark.service
@@ -133,6 +141,53 @@ def test_an_s3_output_has_one_writer_and_a_stale_lock_is_taken_over(s3_env, monk
         with claim_output(out):
             pass
     assert "run dead-run (pid 1 on gone-host" in caplog.text and "taking it over" in caplog.text
+
+
+def test_an_object_above_the_size_limit_is_refused_before_it_is_downloaded(s3_env, monkeypatch):
+    monkeypatch.setenv("FERPIPE_S3_MAX_OBJECT_BYTES", "1000")
+    writer = open_store("s3://ferpipe/limits")
+    writer.write_bytes("small.bin", bytes(1000))
+    writer.write_bytes("big.bin", bytes(3000))
+    store = open_store("s3://ferpipe/limits")
+    assert store.read_bytes("small.bin") == bytes(1000)  # the limit itself is allowed
+    # Never listed: the answer's Content-Length is enough to refuse it, before the body is read.
+    with pytest.raises(ObjectTooLarge, match=r"3000 bytes, above the limit of 1000 bytes") as refused:
+        store.read_bytes("big.bin")
+    assert isinstance(refused.value, OSError) and isinstance(refused.value, StorageError)
+    assert "s3://ferpipe/limits/big.bin" in str(refused.value)
+    # Listed: refused from the listing alone, without a request. The object is replaced by a small one
+    # meanwhile, and the refusal still names the size the listing gave.
+    listed = open_store("s3://ferpipe/limits")
+    assert {e.key: e.size for e in listed.entries()} == {"big.bin": 3000, "small.bin": 1000}
+    writer.write_bytes("big.bin", b"now small")
+    with pytest.raises(ObjectTooLarge, match="3000 bytes"):
+        listed.read_bytes("big.bin")
+    # Its own write forgets what the listing said; a child store keeps the limit.
+    listed.write_bytes("big.bin", b"small again")
+    assert listed.read_bytes("big.bin") == b"small again"
+    assert listed.child("sub").max_object_bytes == 1000
+
+
+def test_an_oversized_image_in_an_s3_dataset_is_a_too_large_row(s3, tmp_path, face_jpeg):
+    """The input stage records the object and goes on; the other images are preprocessed."""
+    env = {**s3.env(), **QUICK, "FERPIPE_S3_MAX_OBJECT_BYTES": str(len(face_jpeg) + 1000)}
+    files = {"happy/001_01.jpg": face_jpeg, "neutral/001_02.jpg": face_jpeg,
+             "happy/002_01.jpg": face_jpeg + bytes(5000)}  # a valid JPEG with trailing bytes, over the limit
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        raw = open_store("s3://ferpipe/oversized/raw")
+        for key, data in files.items():
+            raw.write_bytes(key, data)
+    code, err, _, _ = ferpipe("preprocess", "--dataset", "folder", "--data", "s3://ferpipe/oversized/raw",
+                              "--out", str(tmp_path / "prep"), "--workers", "1", env=env)
+    assert code == 0, err
+    manifest = read_manifest(str(tmp_path / "prep")).set_index("source")
+    big = manifest.loc["s3://ferpipe/oversized/raw/happy/002_01.jpg"]
+    assert big["status"] == "too_large" and "above the limit" in big["detail"], big.to_dict()
+    others = manifest.drop(index="s3://ferpipe/oversized/raw/happy/002_01.jpg")
+    assert len(others) == 2 and others["status"].isin(["ok", "no_face"]).all()
+    assert others["sha256"].notna().all() and big["sha256"] is None  # never downloaded, so never hashed
 
 
 def upload(folder: Path, uri: str) -> None:

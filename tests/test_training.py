@@ -11,9 +11,10 @@ from science_fixtures import write_dataset
 
 from ferpipe.crossval.train_eval import cross_dataset_eval, load_fold, train_eval
 from ferpipe.data.parts import part_outputs, part_slice
+from ferpipe.evaluate.landmark_study import landmark_network
 from ferpipe.model.augment import to_network_input
 from ferpipe.model.ensemble import predict_members
-from ferpipe.model.networks import build_extractor, build_landmark_head
+from ferpipe.model.networks import build_extractor, build_landmark_head, extractor_of
 from ferpipe.model.profiles import SMOKE, get_profile
 from ferpipe.model.training import ensemble_members, member_by_slot, start_at_mean_shape, train_member
 from pipelines.cli import main
@@ -216,3 +217,68 @@ def test_a_side_read_from_its_files_trains_the_member_the_in_memory_side_trains(
     streamed = [train_member(member, side(split.train), side(split.val), SMOKE, **quiet) for _ in range(2)]
     losses = [[row["loss"] for row in run.history] for run in streamed]
     assert losses[0] == losses[1] and len(losses[0]) == len(held.history)
+
+
+def test_watching_the_test_fold_changes_nothing_the_strict_member_keeps(fold):
+    """The optimistic protocol's record: the last phase's test loss per epoch and the predictions of its lowest
+    epoch. The member itself, its history and its early stopping are the strict run's, to the last digit."""
+    member = member_by_slot("el", "nose", seed=2)
+    profile = replace(SMOKE, finetune_epochs=4, patience=10)
+    quiet = lambda line: None  # noqa: E731
+    strict = train_member(member, fold.train, fold.val, profile, progress=quiet)
+    watched = train_member(member, fold.train, fold.val, profile, progress=quiet, test=fold.test)
+    assert strict.test_selected is None
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith("test_") and k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in watched.history] == [strip(r) for r in strict.history]
+    x = to_network_input(fold.test.images)
+    np.testing.assert_array_equal(watched.model(x, training=False), strict.model(x, training=False))
+    assert not any("test_loss" in row for row in strict.history)
+    assert [("test_loss" in row) for row in watched.history] == [r["phase"] == "finetune" for r in watched.history]
+    finetune = [r for r in watched.history if r["phase"] == "finetune"]
+    lowest = min(finetune, key=lambda r: r["test_loss"])
+    picked = watched.test_selected
+    assert (picked["phase"], picked["epoch"], picked["test_loss"]) == ("finetune", lowest["epoch"], lowest["test_loss"])
+    probabilities = picked["probabilities"]
+    assert probabilities.shape == (len(fold.test), 2)
+    loss = -np.mean(np.log(np.clip(probabilities[np.arange(len(fold.test)), fold.test.labels], 1e-7, 1)))
+    assert loss == pytest.approx(picked["test_loss"], rel=1e-5)
+
+
+def test_a_killed_member_watching_the_test_fold_resumes_to_the_same_pick(fold, tmp_path):
+    member = member_by_slot("el", "eyes", seed=1)
+    profile = replace(SMOKE, finetune_epochs=4, patience=10)
+    whole = train_member(member, fold.train, fold.val, profile, tmp_path / "whole", lambda line: None, test=fold.test)
+
+    def kill_in_the_last_phase(line):
+        if " finetune epoch 3/" in line:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_member(member, fold.train, fold.val, profile, tmp_path / "killed", kill_in_the_last_phase, test=fold.test)
+    with pytest.raises(ValueError, match="other settings"):  # a strict run cannot take over a watching run's checkpoint
+        train_member(member, fold.train, fold.val, profile, tmp_path / "killed", lambda line: None)
+    resumed = train_member(member, fold.train, fold.val, profile, tmp_path / "killed", lambda line: None,
+                           test=fold.test)
+    assert [r["test_loss"] for r in resumed.history if "test_loss" in r] == pytest.approx(
+        [r["test_loss"] for r in whole.history if "test_loss" in r], rel=1e-4)
+    assert resumed.test_selected["epoch"] == whole.test_selected["epoch"]
+    np.testing.assert_allclose(resumed.test_selected["probabilities"], whole.test_selected["probabilities"],
+                               rtol=1e-4, atol=1e-6)
+    again = train_member(member, fold.train, fold.val, profile, tmp_path / "killed", lambda line: None, test=fold.test)
+    assert again.test_selected["epoch"] == whole.test_selected["epoch"]  # a finished member keeps its pick
+
+
+def test_head_only_trains_the_head_on_the_frozen_extractor_for_the_whole_classifier_budget(fold):
+    """The authors' notebook: no fine-tuning. The extractor the member ends with is phase 1's, untouched."""
+    profile = get_profile(SMOKE, expression="head-only")
+    member = member_by_slot("el", "mouth", seed=1)
+    assert profile.phases(member.phases) == ("landmarks", "head") and profile.epochs("head") == 4
+    assert SMOKE.phases(member.phases) == ("landmarks", "head", "finetune") and SMOKE.epochs("head") == 2
+    trained = train_member(member, fold.train, fold.val, replace(profile, patience=10), progress=lambda line: None)
+    assert [(r["phase"], r["epoch"]) for r in trained.history] == [
+        ("landmarks", 1), ("landmarks", 2), ("head", 1), ("head", 2), ("head", 3), ("head", 4)]
+    phase_one = extractor_of(landmark_network("mouth", SMOKE.input_size, trained.landmark_weights)).get_weights()
+    for ours, kept in zip(extractor_of(trained.model).get_weights(), phase_one, strict=True):
+        np.testing.assert_array_equal(ours, kept)
+    with pytest.raises(ValueError, match="expression phase"):
+        get_profile("demo", expression="frozen")

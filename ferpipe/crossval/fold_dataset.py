@@ -4,9 +4,12 @@ A fold dataset is a dataset directory whose manifest's `split` column says
 `train` (the fold's training subjects), `val` (validation subjects, drawn from
 the training side) or `test` (the fold's held-out subjects). It holds no
 pixels: its rows point at the prepared dataset's packs by full URI, so a fold
-of a million images is a manifest, not a copy. `fold.json`
-records the fold, the classes and the augmentation plan: the settings and the
-seed every training task augments with. Training augments online, a fresh
+of a million images is a manifest, not a copy. `fold.json` records the fold,
+the classes and the training plan: the augmentation settings and seed every
+training task augments with, the expression phase (fine-tune or head-only)
+and how a member chooses its checkpoints (`selection`: validation, or
+test-fold, which also lets training watch the test side for the optimistic
+figure). Training augments online, a fresh
 draw of every image in every epoch (`stream.BatchStream`, seeded by member,
 phase, epoch and batch), as the paper's ImageDataGenerator did. Measured on
 London it learned as well as training on copies written here (README), and it
@@ -38,8 +41,8 @@ from ferpipe.data.packs import full_location
 from ferpipe.data.storage import Store, open_store
 from ferpipe.model.augment import AugmentSettings, member_seed, stream_seed
 from ferpipe.model.examples import Examples, ExampleSet, class_names
+from ferpipe.model.profiles import FINE_TUNE, SELECTIONS, TEST_FOLD, VALIDATION, Profile
 from ferpipe.model.stream import BatchStream
-from ferpipe.model.profiles import Profile
 from ferpipe.preprocess import imaging
 from ferpipe.preprocess.preview import draw_landmarks
 
@@ -69,8 +72,14 @@ def split_for(manifest: pd.DataFrame, fold: int, val_fraction: float, seed: int)
     return replace(split, fold=ALL_SUBJECTS)
 
 
-def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: str | Store, seed: int = 0) -> dict:
-    """Split `fold` by subject and write its three sides to `out`, with the augmentation plan and its preview."""
+def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: str | Store, seed: int = 0,
+                       selection: str = VALIDATION) -> dict:
+    """Split `fold` by subject and write its three sides to `out`, with the training plan and its preview."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+    if selection == TEST_FOLD and fold == ALL_SUBJECTS:
+        raise ValueError("the final model tests nobody, so no test fold can choose its checkpoints; "
+                         "test-fold selection is for measuring only")
     source = open_store(prepared)
     target = open_store(out)
     manifest = read_manifest(source)
@@ -83,6 +92,7 @@ def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: 
     info = {
         "fold": fold, "classes": list(classes), "seed": seed, "profile": profile.name,
         "augment": asdict(profile.augment) if profile.augment is not None else None,
+        "expression": profile.expression, "selection": selection,
         "train_images": len(split.train), "val_images": len(split.val), "test_images": len(split.test),
         "test_subjects": sorted(split.test["subject"].unique().tolist()),
     }
@@ -94,8 +104,10 @@ def write_fold_dataset(prepared: str | Store, fold: int, profile: Profile, out: 
 
 
 def planned_profile(profile: Profile, info: dict) -> Profile:
-    """The profile a training task follows on a fold dataset: its augmentation is the one stage 5 planned."""
-    return replace(profile, augment=AugmentSettings(**info["augment"]) if info["augment"] is not None else None)
+    """The profile a training task follows on a fold dataset: its augmentation and expression phase are the
+    ones stage 5 planned."""
+    return replace(profile, augment=AugmentSettings(**info["augment"]) if info["augment"] is not None else None,
+                   expression=info.get("expression", FINE_TUNE))
 
 
 def augmentation_sheet(train: Examples | ExampleSet, profile: Profile, seed: int, epochs: int = 4,

@@ -10,11 +10,13 @@ own box instead of widening the page, pictures shrink to the screen.
 
 Sections, in the order a reviewer asks the questions (`SECTIONS`): what ran
 on which data; how accurate, next to the paper's Table I with the spread
-across folds; where it errs (confusion matrices) and on which faces (the
+across folds, and beside accuracy macro-F1, balanced accuracy and recall per
+class (accuracy alone hides a class the model never predicts); where it errs (confusion matrices) and on which faces (the
 misses); where it looks (Grad-CAM); whether it serves every group of people
 alike; whether fine-tuning kept the landmark knowledge (the paper's V-B); what
 it costs (complexity); what the data lost on the way (data quality); where the
-model is.
+model is. A run under test-fold selection says so at the top, and every
+figure the test fold selected carries the `OPTIMISTIC` label beside it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from typing import Sequence
 
 from ferpipe.evaluate.groups import BELOW, TOO_FEW
 from ferpipe.evaluate.misses import MAX_MISSES
-from ferpipe.evaluate.scoring import ENSEMBLE, PAPER_EL_ENSEMBLE_ACCURACY, TABLE_COLUMNS, TABLE_ROWS
+from ferpipe.evaluate.scoring import (
+    ENSEMBLE,
+    PAPER_EL_ENSEMBLE_ACCURACY,
+    TABLE_COLUMNS,
+    TABLE_ROWS,
+    run_metrics_table,
+)
+from ferpipe.model.profiles import OPTIMISTIC
 
 REPORT_FILE = "report.html"
 MISSES_FILE = "misses.png"
@@ -116,13 +125,45 @@ def _spread(values: list[float]) -> str:
     return f"{100 * statistics.stdev(values):.2f}"
 
 
+def _marked(text: str) -> str:
+    """A row or column name for a figure the test fold selected: the label in full, in the warning colour."""
+    return f"{text} <span class=warn>({_e(OPTIMISTIC)})</span>"
+
+
+def _fold_table(results: dict, folds: dict, spread: dict, columns: list[str], mean: dict | None,
+                caption: str) -> str:
+    """Accuracy per fold (%); LOSO folds are named by their subject; then mean, SD, lowest, median, highest."""
+    def name(k: str) -> str:
+        subjects = results["folds"][k].get("test_subjects") or []
+        return f"fold {_e(k)}" + (f" (subject {_e(subjects[0])})" if len(subjects) == 1 else "")
+
+    rows = [[name(k), _e(f["images"]), *(_percent(f["accuracy"][c], 1) for c in columns)] for k, f in folds.items()]
+    if mean is not None:
+        rows.append(["<b>mean of folds</b>", "", *(_percent(mean[c]) for c in columns)])
+    rows.append(["<b>spread (SD across folds)</b>", "",
+                 *(_spread([f["accuracy"][c] for f in folds.values()]) for c in columns)])
+    for which in ("lowest", "median", "highest"):
+        cells = []
+        for c in columns:
+            entry = spread.get(c)
+            fold = entry and entry.get(f"{which}_fold")
+            where = f" (fold {_e(fold)})" if fold is not None and which != "median" and len(folds) > 2 else ""
+            cells.append(_percent(entry[which], 1) + where if entry else "—")
+        rows.append([f"<b>{which} fold</b>", "", *cells])
+    return _table(["fold", "test images", *columns], rows, caption)
+
+
 def _results_section(results: dict, dataset: str) -> str:
     network = results["network"]
     overall = results["overall"]
+    optimistic = results.get("optimistic")
     columns = [c for c in TABLE_COLUMNS if c in overall["accuracy"]]
     ours = [f"<b>{_e(TABLE_ROWS.get(network, network))}, this run</b>",
             *(_percent(overall["accuracy"][c]) for c in columns)]
     rows = [ours]
+    if optimistic:
+        rows.append([_marked(f"<b>{_e(TABLE_ROWS.get(network, network))}, this run</b>"),
+                     *(_percent(optimistic["overall"]["accuracy"][c]) for c in columns)])
     paper = PAPER_EL_ENSEMBLE_ACCURACY.get(dataset)
     if paper is not None:
         rows.append([f"EL, the paper ({_e(dataset)})", *(["—"] * (len(columns) - 1)), f"{paper:.2f}"])
@@ -130,27 +171,48 @@ def _results_section(results: dict, dataset: str) -> str:
                 "so those cells are empty. Our profile (epochs, input size) decides how close a run can come.")
     else:
         note = f"The paper reports no figures for dataset '{_e(dataset)}' (it tests CK+, JAFFE and SFEW)."
+    if optimistic:
+        note += (f" <span class=warn>The marked row is {_e(optimistic['how'])}: the paper's protocol, not how the "
+                 "method does on people it has not seen.</span> The unmarked row is strict: validation subjects "
+                 "drawn from the training side chose every checkpoint.")
     text = "<h3>All folds pooled (accuracy %)</h3>" + _table(["network", *columns], rows, note)
+    text += "<h3>Beside accuracy (%)</h3>" + _metrics_table(results)
     folds = results["folds"]
-    fold_rows = [[f"fold {_e(k)}", _e(f["images"]), *(_percent(f["accuracy"][c], 1) for c in columns)]
-                 for k, f in folds.items()]
-    fold_rows.append(["<b>mean of folds</b>", "", *(_percent(overall["mean_fold_accuracy"][c]) for c in columns)])
-    fold_rows.append(["<b>spread (SD across folds)</b>", "",
-                      *(_spread([f["accuracy"][c] for f in folds.values()]) for c in columns)])
-    low_high = [(min(f["accuracy"][c] for f in folds.values()), max(f["accuracy"][c] for f in folds.values()))
-                for c in columns]
-    fold_rows.append(["<b>lowest – highest fold</b>", "", *(f"{_percent(a, 1)} – {_percent(b, 1)}" for a, b in low_high)])
-    text += "<h3>Per fold (accuracy %)</h3>" + _table(["fold", "test images", *columns], fold_rows,
-                                                       "Pooled accuracy counts every test image once; the mean of "
-                                                       "folds weighs each fold alike, which differs when folds differ "
-                                                       "in size.")
+    per_subject = all(len(f.get("test_subjects") or ()) == 1 for f in folds.values())
+    text += ("<h3>Per fold (accuracy %)" + (": each fold one subject, so this is the spread over people" if
+                                             per_subject else "") + "</h3>")
+    text += _fold_table(results, folds, overall["spread"]["accuracy"], columns, overall["mean_fold_accuracy"],
+                        "Pooled accuracy counts every test image once; the mean of folds weighs each fold alike, "
+                        "which differs when folds differ in size.")
+    if optimistic:
+        text += f"<h3>Per fold, {_marked('accuracy %')}</h3>" + _fold_table(
+            results, {k: f["optimistic"] for k, f in folds.items()}, optimistic["overall"]["spread"]["accuracy"],
+            columns, None, f"Each member's checkpoint as its loss on the fold's test subjects chose it ({_e(OPTIMISTIC)}).")
     return text
+
+
+def _metrics_table(results: dict) -> str:
+    """Table I's companion (scoring.run_metrics_table) as HTML: the optimistic row's label in the warning colour."""
+    table = run_metrics_table(results)
+    rows = []
+    for name, values in table.iterrows():
+        plain = name.removesuffix(f" ({OPTIMISTIC})")
+        label = _marked(_e(plain)) if plain != name else _e(name)
+        rows.append([label, *("—" if math.isnan(v) else f"{v:.2f}" for v in values)])
+    return _table([table.index.name, *table.columns], rows,
+                  "Pooled over folds. Macro-F1 averages each class's F1 and balanced accuracy each class's recall, "
+                  "so a class the model never predicts costs both a whole class's weight (1/classes) however few "
+                  "images it has, where accuracy loses only that class's share of the images. Lowest, median and "
+                  "highest fold are fold accuracies.")
 
 
 def _confusion_section(reports: Path, results: dict) -> str:
     order = [ENSEMBLE, *[c for c in TABLE_COLUMNS if c != ENSEMBLE]]
     figures = "".join(_figure(reports / "confusion" / f"{name}.png", f"{name}: rows true class, columns predicted")
                       for name in order)
+    if results.get("optimistic"):
+        figures += _figure(reports / "confusion" / f"{ENSEMBLE}-optimistic.png",
+                           f"ensemble, {OPTIMISTIC}: rows true class, columns predicted")
     return f"<div class=figures>{figures}</div>" if figures else "<p>No confusion matrices were written.</p>"
 
 
@@ -282,6 +344,12 @@ def render_report(results: dict, reports_dir: str | Path, *, dataset: str, run: 
     title = f"ferpipe: {results['network'].upper()} on {dataset}" + (" (SYNTHETIC demo data)" if synthetic else "")
     ensemble = results["overall"]["accuracy"].get(ENSEMBLE)
     nav = "".join(f'<a href="#{key}">{_e(name)}</a>' for key, name in SECTIONS.items())
+    optimistic = results.get("optimistic")
+    banner = ""
+    if optimistic:
+        banner = (f"<p class=warn>Checkpoint selection: test-fold. Beside the strict figure this page shows an "
+                  f"optimistic one, {_percent(optimistic['overall']['accuracy'].get(ENSEMBLE))}% "
+                  f"({_e(OPTIMISTIC)}), from the same trainings. No model of this run is registered.</p>")
     gradcam = _fold_pictures(reports, "gradcam", results, "each test image, then each member's Grad-CAM and pick")
     body = [
         _section("run", _run_section(results, run)),
@@ -301,7 +369,8 @@ def render_report(results: dict, reports_dir: str | Path, *, dataset: str, run: 
             '<meta name=viewport content="width=device-width,initial-scale=1">'
             f"<title>{_e(title)}</title><style>{STYLE}</style></head><body><main>"
             f"<header><h1>{_e(title)}</h1><p>Ensemble accuracy <b>{_percent(ensemble)}%</b> on "
-            f"{results['overall']['images']} test images of {len(results['folds'])} folds.</p><nav>{nav}</nav></header>"
+            f"{results['overall']['images']} test images of {len(results['folds'])} folds.</p>{banner}<nav>{nav}</nav>"
+            "</header>"
             + "".join(body) + "</main></body></html>\n")
 
 

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # importing training imports TensorFlow, which a cache hit mu
 TRAINING_CODE = (("ferpipe.model", "ferpipe.data.parts", "ferpipe.crossval.fold_dataset", "ferpipe.crossval.steps"),
                  (("keras",), ("tensorflow", "tensorflow-cpu"), ("numpy",)))
 MEMBER_FILES = ("model.weights.h5", "member.json")
-OPTIONAL_FILES = ("landmarks.weights.npz",)  # only members with a landmark phase have it
+# Only members with a landmark phase have the first; only members that watched the test fold the second.
+OPTIONAL_FILES = ("landmarks.weights.npz", "test_selected.npz")
 
 log = logging.getLogger(__name__)
 

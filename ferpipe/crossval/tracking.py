@@ -44,6 +44,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -69,6 +70,16 @@ FILTER_SAFE = re.compile(r"^[\w.:-]*$")
 
 def _finite(values: dict) -> dict:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def fold_metrics(fold: dict) -> dict[str, float]:
+    """A fold result's figures as metrics: accuracy, macro-F1 and balanced accuracy per name; the optimistic
+    ones (test-fold selection) under `optimistic/`."""
+    metrics = {"test_images": fold["images"]}
+    for prefix, result in (("", fold), ("optimistic/", fold.get("optimistic"))):
+        for figure in ("accuracy", "macro_f1", "balanced_accuracy") if result else ():
+            metrics.update({f"{prefix}{figure}/{k}": v for k, v in result.get(figure, {}).items()})
+    return metrics
 
 
 def epoch_metrics(step: int, row: dict) -> dict[str, float]:
@@ -251,8 +262,9 @@ class Tracking:
         if self.call("get_run", run_id).data.tags.get(RESULT_LOGGED) != "true":
             self.log_params(run_id, {"fold": fold["fold"], "test_subjects": len(fold["test_subjects"]),
                                      "train_images": fold["train_images"]})
-            self.log_latest(run_id, {**{f"accuracy/{k}": v for k, v in fold["accuracy"].items()},
-                                     "test_images": fold["images"]})
+            self.log_latest(run_id, fold_metrics(fold))
+            if fold.get("optimistic"):  # its metrics under optimistic/ say so too
+                self.call("set_tag", run_id, "optimistic", fold["optimistic"]["label"])
             self.call("log_artifact", run_id, str(directory / "predictions.csv"))
             if (directory / GRADCAM_FILE).is_file():  # absent when the fold had no test images
                 self.call("log_artifact", run_id, str(directory / GRADCAM_FILE))
@@ -266,29 +278,89 @@ class Tracking:
 # ---------------------------------------------------------------------- what the pipeline's steps call
 
 
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # MLflow's client reads both
+
+
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
-    """A UserError in one line when an http(s) tracking URI does not answer MLflow's /health.
+    """A UserError in one line when an http(s) tracking URI does not answer MLflow's /health, or
+    answers but refuses this process's credentials (a server running MLflow's basic-auth app).
 
     Asked once before a run starts: otherwise the first task to log waits out
-    MLflow's own retries, then fails with a traceback in its log.
+    MLflow's own retries, then fails with a traceback in its log. /health needs no
+    credentials, so one authenticated read follows it; the credentials are the ones
+    MLflow's client sends, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from
+    the environment (on the cluster, from a Kubernetes Secret: never a parameter).
     """
     if not uri.startswith(("http://", "https://")):
         return  # a local file or database: MLflow creates it
+    from ferpipe.errors import UserError
+
+    base = uri.rstrip("/")
+    status, reason = _http_status(f"{base}/health", timeout)
+    if status != 200:
+        raise UserError(f"the MLflow server at {uri} did not answer ({reason}): start it, or pass another "
+                        "--mlflow-uri")
+    status, reason = _http_status(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout,
+                                  _authorization())
+    if status == 401:
+        user = os.environ.get(CREDENTIAL_VARIABLES[0])
+        raise UserError(f"the MLflow server at {uri} refuses the user {user!r}: check MLFLOW_TRACKING_PASSWORD"
+                        if user else f"the MLflow server at {uri} asks for a user: set {CREDENTIAL_VARIABLES[0]} "
+                        f"and {CREDENTIAL_VARIABLES[1]}")
+    if status != 200:
+        raise UserError(f"the MLflow server at {uri} refused a read ({reason})")
+
+
+def _authorization() -> dict[str, str]:
+    """The header MLflow's client would send: basic auth from the two variables, or MLFLOW_TRACKING_TOKEN."""
+    import base64
+
+    user, password = (os.environ.get(name, "") for name in CREDENTIAL_VARIABLES)
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _http_status(url: str, timeout: float, headers: dict[str, str] | None = None) -> tuple[int, str]:
     import urllib.error
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as answer:
+            return answer.status, f"HTTP {answer.status}"
+    except urllib.error.HTTPError as err:
+        return err.code, f"HTTP {err.code}"
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        return 0, str(getattr(err, "reason", err))
+
+
+def ensure_user(uri: str, username: str, password: str) -> str:
+    """Create an MLflow user on a basic-auth server, or set its password if it exists; 'created' or 'updated'.
+
+    The caller's own credentials (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) must be an
+    admin's. The user gets no permission of its own: it reads what the server's default permission
+    allows and manages the experiments and registered models it creates (the pipeline's user creates
+    its experiment and `ferpipe-<dataset>-<network>` itself).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
     from ferpipe.errors import UserError
 
+    if not username or not password:
+        raise UserError("an MLflow user needs a name and a password")
+    client = get_app_client("basic-auth", tracking_uri=uri)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
-            if answer.status == 200:
-                return
-            reason = f"HTTP {answer.status}"
-    except urllib.error.HTTPError as err:
-        reason = f"HTTP {err.code}"
-    except (urllib.error.URLError, TimeoutError, OSError) as err:
-        reason = str(getattr(err, "reason", err))
-    raise UserError(f"the MLflow server at {uri} did not answer ({reason}): start it, or pass another --mlflow-uri")
+        client.get_user(username)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"the MLflow server at {uri} refused to look up {username!r} ({err.error_code}): "
+                            "the caller must be an MLflow admin") from None
+        client.create_user(username, password)
+        return "created"
+    client.update_user_password(username, password)
+    return "updated"
 
 
 def start_pipeline_run(uri: str, experiment: str, kfp_run_id: str, run_name: str, tags: dict, params: dict) -> str:

@@ -20,7 +20,7 @@ from ferpipe.data.adapters.folder import DEFAULT_SUBJECT_PATTERN, list_folder, r
 from ferpipe.data.adapters.jaffe import list_jaffe
 from ferpipe.data.adapters.sfew import list_sfew
 from ferpipe.data.adapters.split import list_split
-from ferpipe.data.storage import LocalStore, Store, open_store
+from ferpipe.data.storage import LocalStore, Store, confined_store, open_store
 from ferpipe.data.subject_meta import find_subject_meta
 from ferpipe.errors import UserError
 
@@ -39,11 +39,9 @@ class DatasetOptions:
 
 def open_source(data: str, allow_outside_links: bool = False) -> Store:
     """The raw data's store; a local one is confined to the folder (see LocalStore)."""
-    store = open_store(data)
-    if isinstance(store, LocalStore):
-        if not store.root.is_dir():
-            raise UserError(f"data folder not found: {data}")
-        store = LocalStore(store.root, confined=True, allow_outside=allow_outside_links)
+    store = confined_store(data, allow_outside=allow_outside_links)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise UserError(f"data folder not found: {data}")
     return store
 
 

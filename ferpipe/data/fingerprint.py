@@ -7,6 +7,11 @@ the ETag the server computed from the content), without reading an object;
 locally from names, sizes and modification times, with a content hash only for
 files whose size or time changed since the last fingerprint (an index kept in
 the cache store, when one is given).
+
+A local folder is read through the confined store, as the input stage reads
+it: a link out of the folder, a FIFO or a device is stamped with what it is
+and never read (a link to /dev/zero would otherwise be read until memory runs
+out, a FIFO would block the step for ever).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ferpipe.data.storage import Entry, Store, open_store
+from ferpipe.data.storage import Entry, OutsideRoot, Store, confined_store, open_store
 
 INDEX_DIR = "fingerprints"
 
@@ -38,7 +43,12 @@ def _content_stamp(store: Store, entry: Entry, index: dict) -> str:
     known = index.get(entry.key)
     if known and known[0] == entry.size and known[1] == entry.mtime_ns:
         return known[2]
-    digest = "sha256:" + hashlib.sha256(store.read_bytes(entry.key)).hexdigest()
+    try:
+        digest = "sha256:" + hashlib.sha256(store.read_bytes(entry.key)).hexdigest()
+    except OutsideRoot:
+        return "outside"  # the input stage records it as outside_data, unread: so does the fingerprint
+    except OSError as err:  # not a regular file, a dangling link, no permission: the input stage's unreadable
+        return f"unreadable:{err.strerror or type(err).__name__}"
     index[entry.key] = [entry.size, entry.mtime_ns, digest]
     return digest
 
@@ -49,7 +59,7 @@ def fingerprint(where: str | Store, cache: str | Store | None = None) -> str:
     `cache` (a folder or s3:// URI) keeps the local index of content hashes
     between calls; without it every local file is read.
     """
-    store = open_store(where)
+    store = confined_store(where)
     cache_store = open_store(cache) if cache else None
     old = _load_index(cache_store, store)
     index: dict = {}

@@ -10,9 +10,18 @@ backoff, then one `StorageError` naming the endpoint and what failed. The SDK's
 own defaults (5 minutes per timeout, retries on top) let a server that accepts
 connections and never answers hang a run for as long as anyone waits.
 
+An S3 read is bounded in size too: `read_bytes` refuses an object larger than
+FERPIPE_S3_MAX_OBJECT_BYTES (1 GiB by default) before downloading it, from the
+size the listing gave or, for a key never listed, from the answer's
+Content-Length, and stops reading at the limit whatever the header said. An
+object planted in the bucket cannot make a task hold more than that in memory.
+
 A local store that reads a dataset is *confined*: a symlink that resolves
 outside its root is neither read nor hashed (`escapes` says which keys), and
 only regular files are read, so a link to /dev/zero or a FIFO cannot hang a run.
+Every reader of a user's local folder uses one (`confined_store`): the input
+stage, the data fingerprint, `ferpipe predict`, and the served model's paths,
+which also cap the bytes read (`max_bytes`).
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ ENDPOINT_VARIABLES = ("FERPIPE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDP
 # never answers costs (1 + READ_RETRIES) * timeout, ~60 s by default; a refused port ~30 s.
 TIMEOUT_VARIABLE, RETRIES_VARIABLE = "FERPIPE_S3_TIMEOUT", "FERPIPE_S3_RETRIES"
 DEFAULT_TIMEOUT, DEFAULT_RETRIES, READ_RETRIES, BACKOFF = 20.0, 5, 2, 1.0
+# The largest object read_bytes takes into memory: far above any face photo (a 50-megapixel 16-bit TIFF is
+# ~300 MB), a dataset's manifest or a model, far below a task's memory limit.
+MAX_OBJECT_BYTES_VARIABLE, DEFAULT_MAX_OBJECT_BYTES = "FERPIPE_S3_MAX_OBJECT_BYTES", 2**30
 
 
 @contextlib.contextmanager
@@ -120,18 +132,42 @@ class Store:
         return False
 
 
+class ObjectTooLarge(StorageError, OSError):
+    """An object above the store's size limit: refused before (or while) downloading it.
+
+    An OSError as well, so that a stage reading a dataset records the file as a reject row
+    (the input stage: `too_large`) instead of failing the run.
+    """
+
+    def __init__(self, where: str, size: int | None, limit: int):
+        found = f"{size} bytes" if size is not None else "more bytes than that"
+        super().__init__(errno.EFBIG, f"{found}, above the limit of {limit} bytes ({MAX_OBJECT_BYTES_VARIABLE})",
+                         where)
+
+
 class OutsideRoot(PermissionError):
     """A confined store was asked to read a key that resolves outside its root."""
 
 
-class LocalStore(Store):
-    """A folder. `confined`: reads stay inside it (symlinks out are refused) and touch regular files only."""
+class NotAFile(OSError):
+    """A confined store was asked to read a FIFO, a device, a socket or a folder."""
 
-    def __init__(self, root: str | os.PathLike, confined: bool = False, allow_outside: bool = False):
+
+class FileTooLarge(OSError):
+    """A confined store with `max_bytes` was asked to read a larger file."""
+
+
+class LocalStore(Store):
+    """A folder. `confined`: reads stay inside it (symlinks out are refused), touch regular files only, and
+    read at most `max_bytes` of one (None: no cap)."""
+
+    def __init__(self, root: str | os.PathLike, confined: bool = False, allow_outside: bool = False,
+                 max_bytes: int | None = None):
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
         self.confined = confined
         self.allow_outside = allow_outside  # the user said links out of the folder are theirs to follow
+        self.max_bytes = max_bytes
 
     def _path(self, key: str) -> Path:
         return self.root / key if key else self.root
@@ -149,9 +185,17 @@ class LocalStore(Store):
         # Opened without following a swap: the file read is the one checked, and a FIFO cannot block the open.
         fd = os.open(os.path.realpath(self._path(key)), os.O_RDONLY | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IsADirectoryError(errno.EISDIR, "not a regular file", key)
-            return handle.read()
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise NotAFile(errno.EINVAL, "not a regular file", key)
+            if self.max_bytes is None:
+                return handle.read()
+            if found.st_size > self.max_bytes:
+                raise FileTooLarge(errno.EFBIG, f"over {self.max_bytes} bytes", key)
+            data = handle.read(self.max_bytes + 1)  # a file growing while it is read is caught too
+            if len(data) > self.max_bytes:
+                raise FileTooLarge(errno.EFBIG, f"over {self.max_bytes} bytes", key)
+            return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), data)  # a killed run never leaves half a file
@@ -175,12 +219,17 @@ class LocalStore(Store):
     def entries(self, prefix: str = "") -> list[Entry]:
         found = []
         for key in self.list(prefix):
-            stat = self._path(key).stat()
-            found.append(Entry(key, stat.st_size, mtime_ns=stat.st_mtime_ns))
+            path = self._path(key)
+            try:
+                # A link this store will not follow is described by itself, not by what it points at.
+                status = path.lstat() if self.confined and not self.allow_outside and self.escapes(key) else path.stat()
+            except OSError:  # a dangling link: listed by its own status; reading it is refused
+                status = path.lstat()
+            found.append(Entry(key, status.st_size, mtime_ns=status.st_mtime_ns))
         return found
 
     def child(self, key: str) -> "LocalStore":
-        return LocalStore(self._path(key), self.confined, self.allow_outside)
+        return LocalStore(self._path(key), self.confined, self.allow_outside, self.max_bytes)
 
     def local_path(self, key: str = "") -> Path:
         return self._path(key)
@@ -192,7 +241,7 @@ class LocalStore(Store):
 class S3Store(Store):
     """An s3://bucket/prefix on MinIO or any S3 server, through the MinIO SDK; every call bounded in time."""
 
-    def __init__(self, uri: str, client=None):
+    def __init__(self, uri: str, client=None, max_object_bytes: int | None = None):
         from minio.helpers import check_bucket_name
 
         parsed = urlparse(uri)
@@ -204,6 +253,9 @@ class S3Store(Store):
         except ValueError as err:
             raise UserError(f"{uri}: {self.bucket!r} is not a valid S3 bucket name ({err})") from None
         self.client = client or s3_client_from_env()
+        self.max_object_bytes = (int(_number(MAX_OBJECT_BYTES_VARIABLE, DEFAULT_MAX_OBJECT_BYTES))
+                                 if max_object_bytes is None else max_object_bytes)
+        self._listed_sizes: dict[str, int] = {}  # key -> size, as the last listing said
 
     def _key(self, key: str) -> str:
         return "/".join(p for p in (self.prefix, key.strip("/")) if p)
@@ -217,6 +269,8 @@ class S3Store(Store):
         where = f"s3://{self.bucket}/{self._key(key)}"
         try:
             yield
+        except ObjectTooLarge:
+            raise
         except S3Error as err:
             if err.code in MISSING_OBJECT:
                 raise FileNotFoundError(errno.ENOENT, "no such object", where) from None
@@ -227,16 +281,28 @@ class S3Store(Store):
                                f"({operation} {where})") from None
 
     def read_bytes(self, key: str) -> bytes:
+        """The object's bytes; ObjectTooLarge above `max_object_bytes`, without downloading it."""
+        limit, where = self.max_object_bytes, f"s3://{self.bucket}/{self._key(key)}"
+        listed = self._listed_sizes.get(key)
+        if listed is not None and listed > limit:  # no request at all
+            raise ObjectTooLarge(where, listed, limit)
         with self._call("read", key):
             response = self.client.get_object(self.bucket, self._key(key))
             try:
-                return response.read()
+                declared = response.headers.get("Content-Length")
+                if declared is not None and declared.isdigit() and int(declared) > limit:
+                    raise ObjectTooLarge(where, int(declared), limit)
+                data = response.read(limit + 1)  # a server that sends more than it declared stops here
+                if len(data) > limit:
+                    raise ObjectTooLarge(where, None, limit)
+                return data
             finally:
                 response.close()
                 response.release_conn()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # A PUT is atomic on S3: readers see the old object or the new one, never half.
+        self._listed_sizes.pop(key, None)
         with self._call("write", key):
             self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
 
@@ -253,8 +319,9 @@ class S3Store(Store):
         root = f"{root}/" if root and not prefix.endswith((".", "/")) else root
         start = len(self.prefix) + 1 if self.prefix else 0
         with self._call("list", prefix):
-            objects = self.client.list_objects(self.bucket, prefix=root, recursive=True)
-            return sorted(o.object_name[start:] for o in objects if not o.is_dir)
+            objects = [o for o in self.client.list_objects(self.bucket, prefix=root, recursive=True) if not o.is_dir]
+        self._listed_sizes.update((o.object_name[start:], o.size) for o in objects)
+        return sorted(o.object_name[start:] for o in objects)
 
     def size(self, key: str) -> int:
         with self._call("stat", key):
@@ -267,12 +334,15 @@ class S3Store(Store):
         objects = self.client.list_objects(self.bucket, prefix=root, recursive=True)
         found = [Entry(o.object_name[start:], o.size, etag=(o.etag or "").strip('"') or None)
                  for o in objects if not o.is_dir]
+        self._listed_sizes.update((e.key, e.size) for e in found)
         return sorted(found, key=lambda e: e.key)
 
     def child(self, key: str) -> "S3Store":
-        return S3Store(f"s3://{self.bucket}/{self._key(key)}", client=self.client)
+        return S3Store(f"s3://{self.bucket}/{self._key(key)}", client=self.client,
+                       max_object_bytes=self.max_object_bytes)
 
     def delete(self, key: str) -> None:
+        self._listed_sizes.pop(key, None)
         with self._call("delete", key):
             self.client.remove_object(self.bucket, self._key(key))
 
@@ -407,6 +477,15 @@ def open_store(uri: "str | os.PathLike | Store") -> Store:
     if is_s3(uri):
         return S3Store(str(uri))
     return LocalStore(uri)
+
+
+def confined_store(uri: "str | os.PathLike | Store", allow_outside: bool = False,
+                   max_bytes: int | None = None) -> Store:
+    """The store to read a user's data from: a local folder confined to itself (see LocalStore), S3 as it is."""
+    store = open_store(uri)
+    if isinstance(store, LocalStore) and not store.confined:
+        store = LocalStore(store.root, confined=True, allow_outside=allow_outside, max_bytes=max_bytes)
+    return store
 
 
 def same_or_inside(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:

