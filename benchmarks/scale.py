@@ -1,7 +1,8 @@
 """What a pod costs as the dataset grows: stages 1-4 per shard, objects written, a training task's memory.
 
     python benchmarks/scale.py preprocess [--images 2016] [--shard-size 504] [--side-by-side 2] [--big 20160]
-    python benchmarks/scale.py train [--images 2000 20000] [--size 160]
+    python benchmarks/scale.py train [--images 2000 20000] [--size 160] [--in-memory]
+    python benchmarks/scale.py stream --fold FOLD_DIR [--buffer 2048]
 
 `preprocess` makes a SYNTHETIC raw set with the demo generator (JAFFE layout,
 96 pseudo-subjects x 7 expressions x 3 by default), plans it into shards and
@@ -21,7 +22,10 @@ training task (the baseline's jaw member, one epoch at 160 px, the paper's
 profile otherwise) in a fresh process per case, printing its peak resident
 memory and training images/s: the default stream (a side up to the stream's
 buffer in memory, a bigger one streamed), a stream forced even on the small
-set, and the bigger set held in memory as training did before.
+set, and the bigger set held in memory as training did before. `stream` times
+the input pipeline alone on a fold `train` wrote: how many images a second one
+thread decodes, resizes, augments and hands over, which is what a GPU faster
+than that would wait for.
 """
 
 from __future__ import annotations
@@ -65,11 +69,39 @@ def stage_chain(item: str, data: str, work: str, root: str, cache: str | None) -
     return time.perf_counter() - started
 
 
-def _chain_in_process(args) -> float:
+def _chain_in_process(args) -> tuple[float, float]:
+    """(seconds, peak MB) of one shard's chain in a fresh process, as a pod would run it."""
     from ferpipe.console import for_task
 
     for_task()
-    return stage_chain(*args)
+    seconds = stage_chain(*args)
+    return seconds, peak_mb()
+
+
+def _startup_in_process(_) -> float:
+    """What a stage task pays before its first image: importing ferpipe's stages and loading the SSD and dlib."""
+    started = time.perf_counter()
+    from ferpipe.preprocess.chain import PreprocessSettings, StageTools
+
+    StageTools(PreprocessSettings()).load()
+    return time.perf_counter() - started
+
+
+def side_by_side(items: list[str], sizes, data: Path, work: Path, scratch: Path, alone: float) -> None:
+    """`items` at once, a process and a worker each: the cluster's picture of a pod per shard."""
+    from ferpipe.preprocess import sharded
+
+    jobs = [(item, str(data), str(work), str(scratch / f"side{k}"), None) for k, item in enumerate(items)]
+    for job in jobs:
+        shutil.rmtree(job[3], ignore_errors=True)
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        peaks = [peak for _, peak in pool.map(_chain_in_process, jobs)]
+    wall = time.perf_counter() - started
+    together = sum(int(sizes[sharded.split_item(item)[0]]) for item in items)
+    print(f"{len(jobs)} shards side by side ({together} images, a process each, 1 worker each): "
+          f"{together / wall:.2f} images/s, {together / wall / alone:.2f}x one shard, peak memory "
+          f"{max(peaks):.0f} MB a process (on {os.cpu_count()} cores; load average now {os.getloadavg()[0]:.1f})")
 
 
 def tree(path: Path) -> tuple[int, int]:
@@ -98,23 +130,22 @@ def preprocess_benchmark(args) -> None:
 
     one = scratch / "one"
     shutil.rmtree(one, ignore_errors=True)
-    seconds = stage_chain(items[0], str(data), str(work), str(one), str(scratch / "cache"))
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        startup = min(pool.map(_startup_in_process, [0, 1]))
+    with spawn.Pool(1) as pool:
+        ((seconds, peak),) = pool.map(_chain_in_process, [(items[0], str(data), str(work), str(one),
+                                                          str(scratch / "cache"))])
     n = int(sizes[sharded.split_item(items[0])[0]])
     print(f"one shard alone ({n} images, 1 worker, the four stage steps): {n / seconds:.2f} images/s "
-          f"({1000 * seconds / n:.0f} ms/image)")
+          f"({1000 * seconds / n:.0f} ms/image), peak memory {peak:.0f} MB; a stage task's start (imports, SSD "
+          f"and dlib loaded): {startup:.1f} s")
 
     chosen = items[1:1 + args.side_by_side]
-    jobs = [(item, str(data), str(work), str(scratch / f"side{k}"), None) for k, item in enumerate(chosen)]
-    for job in jobs:
-        shutil.rmtree(job[3], ignore_errors=True)
-    started = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-        pool.map(_chain_in_process, jobs)
-    wall = time.perf_counter() - started
-    together = sum(int(sizes[sharded.split_item(item)[0]]) for item in chosen)
-    print(f"{len(jobs)} shards side by side ({together} images, a process each, 1 worker each): "
-          f"{together / wall:.2f} images/s, {together / wall / (n / seconds):.2f}x one shard "
-          f"(on {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f})")
+    if chosen:
+        side_by_side(chosen, sizes, data, work, scratch, n / seconds)
+    else:
+        print("one shard only: nothing to run side by side")
 
     print("\nobjects and bytes one shard's stages wrote (now: a manifest, shard.json and one pack; before: a PNG "
           "per ok image and a manifest)")
@@ -264,6 +295,32 @@ def train_task(args) -> None:
                       "images_per_s": trained / epoch["seconds"], "train_images": summary["train_images"]}))
 
 
+def stream_benchmark(args) -> None:
+    """The input pipeline alone (no network): images/s one thread decodes, resizes, augments and converts."""
+    from ferpipe.crossval.fold_dataset import load_fold_split, read_fold_info
+    from ferpipe.model import stream
+    from ferpipe.model.augment import AugmentSettings
+
+    stream.BUFFER = args.buffer
+    side = load_fold_split(args.fold, "train", args.size)
+    batches = BatchCounter()
+    started = time.perf_counter()
+    source = stream.BatchStream(side, lambda points, labels: labels, 32, seed=0, settings=AugmentSettings(),
+                                prefetch=0)
+    for _ in source.batches(0):
+        batches.count += 1
+        if batches.count * 32 >= args.limit:
+            break
+    seconds = time.perf_counter() - started
+    info = read_fold_info(args.fold)
+    print(f"{info['train_images']} training images, buffer {args.buffer}: {batches.count * 32 / seconds:.0f} "
+          f"images/s through the stream alone (one thread), peak {peak_mb():.0f} MB")
+
+
+class BatchCounter:
+    count = 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -283,13 +340,18 @@ def main() -> None:
     task.add_argument("--size", type=int, default=160)
     task.add_argument("--buffer", type=int, required=True)
     task.add_argument("--out", required=True)
+    alone = verbs.add_parser("stream")
+    alone.add_argument("--fold", required=True)
+    alone.add_argument("--size", type=int, default=160)
+    alone.add_argument("--buffer", type=int, default=2048)
+    alone.add_argument("--limit", type=int, default=6400, help="images to draw")
     plan = verbs.add_parser("plan-task")
     for name in ("--data", "--work", "--out"):
         plan.add_argument(name, required=True)
     plan.add_argument("--shard-size", type=int, required=True)
     args = parser.parse_args()
     {"preprocess": preprocess_benchmark, "train": train_benchmark, "train-task": train_task,
-     "plan-task": plan_task}[args.verb](args)
+     "plan-task": plan_task, "stream": stream_benchmark}[args.verb](args)
 
 
 if __name__ == "__main__":
