@@ -31,7 +31,7 @@ from test_mlflow_service import HISTORY, fold_dir, member_summary, trained_membe
 
 from components.images import STORAGE_SECRET_KEYS, TASK_ENVIRONMENT, TRACKING_SECRET_KEYS
 from ferpipe.crossval.report import publish
-from ferpipe.crossval.tracking import MemberLog, check_tracking_server, start_pipeline_run
+from ferpipe.crossval.tracking import RUN_ID_VARIABLE, MemberLog, check_tracking_server, start_pipeline_run
 from ferpipe.data.parts import ENSEMBLE_PARTS
 from ferpipe.data.storage import open_store
 from ferpipe.errors import StorageError, UserError
@@ -226,7 +226,7 @@ def test_the_pipelines_tracking_code_logs_with_the_credentials_from_its_secret(t
     tags = {"kfp_run_id": run_id, "kfp_run_name": "secured", "dataset": "folder"}
     parent = start_pipeline_run(uri, experiment, run_id, "folder-el-smoke", tags, {"seed": 0})
     for slot in ENSEMBLE_PARTS:
-        member = MemberLog(uri, experiment, run_id, 0, "el", slot)
+        member = MemberLog(uri, experiment, 0, "el", slot, environment={RUN_ID_VARIABLE: run_id})
         assert member.run_id, "the member run was not opened (see the warning above)"
         member.on_epoch(1, HISTORY[0])
         member.finish(member_summary(0, slot, 0), trained_member_dir(tmp_path, 0, slot, rng))
