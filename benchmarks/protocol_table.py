@@ -60,8 +60,10 @@ def main() -> None:
         if results.get("optimistic"):
             optimistic_folds = {k: f["optimistic"] for k, f in results["folds"].items()}
             rows.append((f"**{results['optimistic']['label']}**", results["optimistic"]["overall"], optimistic_folds))
+        # The baseline has one phase (direct): no expression phase to choose.
+        expression = "direct" if results["network"] == "baseline" else results.get("expression", "fine-tune")
         for selection, overall, folds in rows:
-            cells = [name, results["network"].upper(), results.get("expression", "fine-tune"), selection,
+            cells = [name, results["network"].upper(), expression, selection,
                      *figures(overall)]
             if args.split is not None:
                 cells += [pooled(folds, lambda k: k < args.split), pooled(folds, lambda k: k >= args.split)]
