@@ -195,10 +195,12 @@ def test_the_smoke_dag_in_containers_gives_the_venv_runs_results(client, images,
         expected = images["ferpipe-gpu"] if task.startswith("training-stage") else images["ferpipe-cpu"]
         assert f"ran in image {expected} " in line and "exit 0" in line, line
 
-    # Stages 1-4 in the images wrote the same manifest as in .venv: statuses, boxes, landmarks, folds.
+    # Stages 1-4 in the images wrote the same manifest as in .venv: statuses, boxes, landmarks, shards, folds.
+    # The gathered rows point at each run's own published packs, under its own OUT.
     def manifest(of) -> pd.DataFrame:
-        found = newest_output(of.out / "artifacts", "landmark-stage", "annotated")
-        return pd.read_parquet(found / "manifest.parquet").sort_values("image_id").reset_index(drop=True)
+        found = newest_output(of.out / "artifacts", "gather-shards", "annotated")
+        rows = pd.read_parquet(found / "manifest.parquet").sort_values("image_id").reset_index(drop=True)
+        return rows.assign(image_path=rows["image_path"].str.replace(str(of.out), "OUT", regex=False))
 
     here, there = manifest(smoke_run), manifest(run)
     pd.testing.assert_frame_equal(there.drop(columns=["landmarks", "face_box"]),
