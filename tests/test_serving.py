@@ -82,18 +82,25 @@ def test_a_model_takes_images_not_paths_unless_exported_to(served, photos):
     assert message.startswith("row 1 (from 0): this model takes images, not paths")
 
 
+def hostile_folder(folder: Path, elsewhere: Path, photos, outside_name: str = "face.jpg") -> Path:
+    """`folder` with a photo (face.jpg) and what must never be read: a link to /dev/zero (zero.jpg), a link to
+    a photo in `elsewhere` (out.jpg) and a FIFO (fifo.jpg)."""
+    folder.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(photos[0], folder / "face.jpg")
+    shutil.copy(photos[1], elsewhere / outside_name)
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    os.symlink(elsewhere / outside_name, folder / "out.jpg")
+    os.mkfifo(folder / "fifo.jpg")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def path_root(tmp_path_factory, photos):
     """A folder a model may read from, holding a photo and hostile entries; the model exported to read it."""
     base = tmp_path_factory.mktemp("paths")
-    root, elsewhere = base / "shared", base / "elsewhere"
-    root.mkdir()
-    elsewhere.mkdir()
-    shutil.copy(photos[0], root / "face.jpg")
-    shutil.copy(photos[1], elsewhere / "secret.jpg")
-    os.symlink("/dev/zero", root / "zero.jpg")
-    os.symlink(elsewhere / "secret.jpg", root / "out.jpg")
-    os.mkfifo(root / "fifo.jpg")
+    elsewhere = base / "elsewhere"
+    root = hostile_folder(base / "shared", elsewhere, photos, outside_name="secret.jpg")
     (root / "folder.jpg").mkdir()
     (root / "big.jpg").write_bytes(photos[0].read_bytes() + bytes(2 * 2**20))
     limits = ServingLimits(max_image_bytes=2**20, path_roots=(str(root),))
@@ -342,15 +349,8 @@ def test_the_final_models_fold_holds_nobody_out_and_validates_on_its_own_subject
 
 @pytest.mark.timeout(120)  # a FIFO read blocks for ever, /dev/zero reads until memory runs out
 def test_predict_reads_folders_through_the_confined_store(exported, photos, tmp_path):
-    folder, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
-    folder.mkdir()
-    elsewhere.mkdir()
-    shutil.copy(photos[0], folder / "face.jpg")
-    shutil.copy(photos[1], elsewhere / "face.jpg")
-    os.symlink("/dev/zero", folder / "zero.jpg")
-    os.symlink(elsewhere / "face.jpg", folder / "out.jpg")
+    folder = hostile_folder(tmp_path / "in", tmp_path / "elsewhere", photos)
     os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
-    os.mkfifo(folder / "fifo.jpg")
     out = tmp_path / "p.csv"
     assert main(["predict", "--model", str(exported[0]), "--input", str(folder), "--out", str(out),
                  "--annotate", str(tmp_path / "pictures"), "--workers", "2"]) == 0
