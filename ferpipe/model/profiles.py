@@ -59,6 +59,8 @@ class Profile:
     # How training augments, drawn afresh every epoch; None trains on the crops as they are.
     augment: AugmentSettings | None = AugmentSettings()
     # The expression phase after landmark pre-training: FINE_TUNE (head, then everything) or HEAD_ONLY.
+    # FINE_TUNE by measurement (docs/measurements.md): EL on London, demo profile, 89.7% against 70.6% for
+    # head-only; ahead on folds 0-2 (58 against 50 of 64) and again on folds 3-9 (125 against 94 of 140).
     expression: str = FINE_TUNE
 
     def __post_init__(self):
