@@ -154,13 +154,13 @@ class _Validation:
     at 160 px. The chunks are whole batches, so the outputs are the ones a single pass over every image
     gives. The phase's validation side, and the test side a test-fold run watches."""
 
-    def __init__(self, val: Examples | ExampleSet, targets: Targets, batch_size: int):
-        self.val, self.targets, self.batch_size = val, targets, batch_size
+    def __init__(self, side: Examples | ExampleSet, targets: Targets, batch_size: int):
+        self.side, self.targets, self.batch_size = side, targets, batch_size
 
     def outputs(self, model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
         """(the network's outputs, the targets), every image of the side in order."""
         outputs, targets = [], []
-        for chunk in self.val.chunks(chunk_size(self.batch_size)):
+        for chunk in self.side.chunks(chunk_size(self.batch_size)):
             outputs.append(infer_compiled(model, to_network_input(chunk.images), self.batch_size))
             targets.append(self.targets(chunk.points, chunk.labels))
         return np.concatenate(outputs), np.concatenate(targets)
@@ -511,6 +511,7 @@ def train_member(
     train, val = fitting(train), (fitting(val) if val is not None else None)
     watched = None
     if test is not None:
+        # Scored as the classification phases are: the labels one-hot (any phase but landmarks gives that).
         watched = _Validation(fitting(test), _targets("head", member, len(train.classes)), profile.batch_size)
     run = _Run(member, profile, Path(checkpoint_dir), _fingerprint(member, profile, train, val, test), progress,
                mirror, on_epoch, watched)
